@@ -1,0 +1,1 @@
+"""How workers start: one process, torchrun, horovodrun, srun. Kept apart from what a worker does."""

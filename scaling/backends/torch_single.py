@@ -1,0 +1,70 @@
+"""PyTorch on one device, tuned: the dataset lives on the device, batches are gathered there.
+
+This is the loop an expert writes for a tiny model: no DataLoader, no per-sample work, no host to
+device copies per step. ``fast=compile`` wraps the model in ``torch.compile``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from scaling.backends import RunContext
+from scaling.backends import torch_common as tc
+from scaling.data import epoch_permutation
+from scaling.protocol import Measurement, drive
+from scaling.workloads import torch_models
+
+
+class TorchSingleDevice:
+    devices = 1
+    steps_per_call = 1
+
+    def __init__(self, ctx: RunContext) -> None:
+        cfg, train = ctx.config, ctx.train
+        tc.configure_threads(cfg.get("threads"))
+        torch.manual_seed(cfg["seed"])
+        self.ctx = ctx
+        self.device = tc.resolve_device(cfg["device"], ctx.local_rank)
+        self.global_batch = int(train["per_device_batch"])
+        ds = ctx.dataset
+        self.x, self.y = tc.to_device_tensors(ds.train_x, ds.train_y, self.device)
+        self.test_x, self.test_y = tc.to_device_tensors(ds.test_x, ds.test_y, self.device)
+        self.steps_per_epoch = self.x.shape[0] // self.global_batch  # full batches only
+        self.model = torch_models.build(cfg["workload"]["name"], ds.num_classes).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=float(train["lr"]))
+        fast = cfg["backend"].get("fast") or "none"
+        self.step_model = torch.compile(self.model) if fast == "compile" else self.model
+        self._perm: torch.Tensor | None = None
+        self._cursor = 0
+
+    def begin_epoch(self, epoch: int) -> None:
+        perm = epoch_permutation(self.x.shape[0], self.ctx.config["seed"], epoch)
+        self._perm = torch.from_numpy(perm).to(self.device)
+        self._cursor = 0
+        self.model.train()
+
+    def train_steps(self, n: int) -> None:
+        b = self.global_batch
+        for _ in range(n):
+            idx = self._perm[self._cursor:self._cursor + b]
+            self._cursor += b
+            out = self.step_model(self.x.index_select(0, idx))
+            loss = F.nll_loss(out, self.y.index_select(0, idx))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+
+    def sync(self) -> None:
+        tc.sync(self.device)
+
+    def evaluate(self) -> tuple[float, float]:
+        return tc.evaluate(self.model, self.test_x, self.test_y)
+
+    def device_memory_peak(self) -> int | None:
+        return tc.device_memory_peak(self.device)
+
+    def environment(self) -> dict:
+        return tc.environment(self.device)
+
+    def train(self, meter: Measurement) -> None:
+        drive(self, meter, int(self.ctx.train["epochs"]), self.ctx.train.get("max_steps_per_epoch"))

@@ -1,0 +1,70 @@
+"""The ``scaling`` command: ``scaling run|data ...``.
+
+``scaling run`` is a Hydra application: everything after the verb is a Hydra override
+(``scaling run backend=tf workload=cnn train.epochs=1``), and Hydra's own flags work too
+(``--cfg job`` prints the composed config, ``--help`` lists the groups).
+"""
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: scaling VERB [ARGS]
+
+verbs:
+  run [OVERRIDES...]         train one run under the shared protocol and write its record
+                             e.g. scaling run backend=tf workload=mlp train.epochs=5
+  data fetch|verify|path NAME
+                             obtain, check or locate a dataset (mnist, fashion_mnist)
+
+`scaling run --help` lists the config groups and their options.
+"""
+
+
+def _hydra_run() -> int:
+    import hydra
+    from omegaconf import DictConfig, OmegaConf
+
+    from scaling.config import CONF_DIR, ConfigError
+
+    status = {"code": 0}
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+    def task(cfg: DictConfig) -> None:
+        from scaling import worker
+
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        try:
+            record = worker.run(plain)
+        except ConfigError as exc:
+            print(f"scaling run: invalid config: {exc}", file=sys.stderr)
+            status["code"] = 2
+            return
+        if record["environment"].get("rank", 0) == 0:
+            worker.print_summary(record)
+        if record["status"] != "ok":
+            print(f"scaling run: run failed: {record['error']}", file=sys.stderr)
+            status["code"] = 1
+
+    task()
+    return status["code"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    verb, rest = argv[0], argv[1:]
+    if verb == "run":
+        sys.argv = ["scaling run", *rest]
+        return _hydra_run()
+    if verb == "data":
+        from scaling.data import data_command
+
+        return data_command(rest)
+    print(f"scaling: unknown verb {verb!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

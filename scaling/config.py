@@ -1,0 +1,60 @@
+"""Checks on a composed run config, made before any framework is imported or any data is read.
+
+Hydra already rejects unknown config groups (``backend=nope`` lists the available backends); this
+module rejects values that compose but cannot run, each with the key, the value and the fix.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def available(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _positive_int(cfg: dict, dotted: str, allow_none: bool = False) -> None:
+    value: Any = cfg
+    for key in dotted.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{dotted}={value!r}: must be a positive integer. Fix: override it, e.g. {dotted}=64")
+
+
+def validate(cfg: dict) -> None:
+    """Raise ConfigError for the first value that cannot run. ``cfg`` is the resolved config as a dict."""
+    for group in ("backend", "workload", "data"):
+        if not isinstance(cfg.get(group), dict) or "name" not in cfg[group]:
+            raise ConfigError(f"{group}: missing. Fix: choose one of {available(group)}, e.g. {group}={available(group)[0]}")
+    if "_target_" not in cfg["backend"]:
+        raise ConfigError(f"backend={cfg['backend']['name']}: its YAML names no _target_ class")
+    from scaling.data import DATASETS
+    from scaling.workloads import WORKLOADS
+
+    if cfg["data"]["name"] not in DATASETS:
+        raise ConfigError(f"data.name={cfg['data']['name']!r}: unknown dataset. Fix: data=<one of {list(DATASETS)}>")
+    if cfg["workload"]["name"] not in WORKLOADS:
+        raise ConfigError(f"workload.name={cfg['workload']['name']!r}: unknown workload. Fix: workload=<one of {list(WORKLOADS)}>")
+    _positive_int(cfg, "train.per_device_batch")
+    _positive_int(cfg, "train.epochs")
+    _positive_int(cfg, "train.max_steps_per_epoch", allow_none=True)
+    _positive_int(cfg, "threads", allow_none=True)
+    lr = cfg["train"].get("lr")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+        raise ConfigError(f"train.lr={lr!r}: must be a positive number. Fix: e.g. train.lr=1e-3")
+    warmup = cfg["protocol"].get("warmup_steps")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError(f"protocol.warmup_steps={warmup!r}: must be an integer >= 0")
+    target = cfg["protocol"].get("target_accuracy")
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+        raise ConfigError(f"protocol.target_accuracy={target!r}: must be in (0, 1], e.g. 0.97")
+    if cfg.get("device") not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device={cfg.get('device')!r}: must be auto, cpu or cuda")

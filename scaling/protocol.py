@@ -1,0 +1,309 @@
+"""The one measurement protocol every backend runs under.
+
+What counts, in every framework alike:
+- a *step* is one optimizer update on one global batch (all devices together);
+- the first ``warmup_steps`` steps of the run are excluded from every timing figure (compilation,
+  allocator growth, autotuning);
+- a step is timed from just before the framework is asked for it until the device has finished it
+  (``sync``: ``torch.cuda.synchronize`` on GPU, fetching the loss in TF), so asynchronous
+  dispatch cannot make a step look free;
+- throughput is timed samples over the *wall-clock* of the timed part of each epoch, so time a
+  framework's loop spends between steps (input pipeline, callbacks) is paid, not hidden;
+- evaluation runs after every epoch, outside the timed steps, and feeds time-to-accuracy: the
+  wall-clock from the first training step until the end of the first evaluation that reaches the
+  target accuracy (training and evaluation time both count, as in MLPerf's time-to-train).
+
+No framework is imported here: backends hand in a ``sync`` callable and their own device memory
+probe, and either let :func:`drive` run their steps or call the hooks from their framework's loop
+(Keras callbacks, Lightning hooks).
+"""
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    warmup_steps: int = 20
+    target_accuracy: float = 0.97
+    log_every: int = 50
+
+
+@runtime_checkable
+class SteppedTrainer(Protocol):
+    """What a backend whose loop the protocol drives provides."""
+
+    steps_per_epoch: int
+    #: steps fused into one call (e.g. several steps per ``tf.function`` call); 1 for most loops
+    steps_per_call: int
+
+    def begin_epoch(self, epoch: int) -> None: ...
+    def train_steps(self, n: int) -> None: ...
+    def sync(self) -> None: ...
+    def evaluate(self) -> tuple[float, float]: ...
+
+
+def process_start_time() -> float:
+    """Epoch seconds when this worker (or, if set, its launcher) started."""
+    launched = os.environ.get("SCALING_LAUNCH_TIME")
+    if launched:
+        return float(launched)
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # psutil missing or /proc unreadable: fall back to import time
+        return _IMPORT_TIME
+
+
+_IMPORT_TIME = time.time()
+
+
+def peak_host_rss_bytes() -> int:
+    # ru_maxrss is in KiB on Linux
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def summarize(values: list[float]) -> dict[str, float | int | None]:
+    """mean, p50, p95, min, max, coefficient of variation and count of a list of durations."""
+    n = len(values)
+    if n == 0:
+        return {"n": 0, "mean": None, "p50": None, "p95": None, "min": None, "max": None, "cv": None}
+    ordered = sorted(values)
+    mean = sum(ordered) / n
+    var = sum((v - mean) ** 2 for v in ordered) / n
+    return {
+        "n": n,
+        "mean": mean,
+        "p50": _percentile(ordered, 50),
+        "p95": _percentile(ordered, 95),
+        "min": ordered[0],
+        "max": ordered[-1],
+        "cv": math.sqrt(var) / mean if mean > 0 else None,
+    }
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    """Linear-interpolation percentile (numpy's default) of an already sorted list."""
+    if len(ordered) == 1:
+        return ordered[0]
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+class Measurement:
+    """Collects the protocol's figures for one worker; rank 0's become the run's record."""
+
+    def __init__(
+        self,
+        config: ProtocolConfig,
+        *,
+        global_batch: int,
+        devices: int,
+        sync: Callable[[], None] = lambda: None,
+        device_memory_peak: Callable[[], int | None] = lambda: None,
+        progress: "Progress | None" = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if global_batch <= 0 or devices <= 0:
+            raise ValueError("global_batch and devices must be positive")
+        self.config = config
+        self.global_batch = global_batch
+        self.devices = devices
+        self._sync = sync
+        self._device_memory_peak = device_memory_peak
+        self._progress = progress
+        self._clock = clock
+        self._wall_at_clock0 = time.time() - clock()
+
+        self.step_times: list[float] = []
+        self.epoch_times: list[float] = []
+        self.eval_times: list[float] = []
+        self.accuracy_per_epoch: list[float] = []
+        self.loss_per_epoch: list[float] = []
+        self.steps_done = 0
+        self.timed_samples = 0
+        self.timed_wall = 0.0
+        self.time_to_accuracy: float | None = None
+        self.epoch_reaching_target: int | None = None
+
+        self._train_start: float | None = None
+        self._epoch_start: float | None = None
+        self._region_start: float | None = None
+        self._last_step_end: float | None = None
+        self._step_start: float | None = None
+
+    # -- hooks ------------------------------------------------------------------------------
+    def epoch_begin(self, epoch: int) -> None:
+        now = self._clock()
+        if self._train_start is None:
+            self._train_start = now
+        self._epoch_start = now
+        self._region_start = now if self.steps_done >= self.config.warmup_steps else None
+        self._last_step_end = None
+        if self._progress:
+            self._progress.epoch_begin(epoch)
+
+    def step_begin(self) -> None:
+        self._step_start = self._clock()
+
+    def step_end(self, steps: int = 1, samples: int | None = None) -> None:
+        """Close a call of ``steps`` optimizer steps (``samples`` global samples; default full batches)."""
+        self._sync()
+        now = self._clock()
+        if self._step_start is None:
+            raise RuntimeError("step_end without step_begin")
+        samples = self.global_batch * steps if samples is None else samples
+        warm = self.steps_done >= self.config.warmup_steps
+        self.steps_done += steps
+        if warm:
+            per_step = (now - self._step_start) / steps
+            self.step_times.extend([per_step] * steps)
+            self.timed_samples += samples
+            self._last_step_end = now
+        elif self.steps_done >= self.config.warmup_steps:
+            # the warm-up ends with this call: the timed region starts here
+            self._region_start = now
+        self._step_start = None
+        if self._progress:
+            self._progress.advance(steps)
+
+    def epoch_end(self, epoch: int) -> None:
+        now = self._clock()
+        assert self._epoch_start is not None, "epoch_end without epoch_begin"
+        self.epoch_times.append(now - self._epoch_start)
+        if self._region_start is not None and self._last_step_end is not None:
+            self.timed_wall += self._last_step_end - self._region_start
+        self._epoch_start = None
+
+    def evaluated(self, epoch: int, loss: float, accuracy: float, eval_seconds: float) -> None:
+        """Record the test-set result after ``epoch``; call once the evaluation has finished."""
+        now = self._clock()
+        self.eval_times.append(eval_seconds)
+        self.loss_per_epoch.append(float(loss))
+        self.accuracy_per_epoch.append(float(accuracy))
+        if self.time_to_accuracy is None and accuracy >= self.config.target_accuracy:
+            assert self._train_start is not None
+            self.time_to_accuracy = now - self._train_start
+            self.epoch_reaching_target = epoch + 1
+        if self._progress:
+            self._progress.evaluated(epoch, loss, accuracy)
+
+    def now(self) -> float:
+        """The protocol's clock, for backends that time their own evaluation."""
+        return self._clock()
+
+    # -- result -------------------------------------------------------------------------------
+    def train_start_wall(self) -> float | None:
+        """Epoch seconds of the first training step, for the startup figure."""
+        if self._train_start is None:
+            return None
+        return self._wall_at_clock0 + self._train_start
+
+    def result(self, process_start: float | None = None) -> dict:
+        throughput = self.timed_samples / self.timed_wall if self.timed_wall > 0 else None
+        start_wall = self.train_start_wall()
+        startup = None
+        if process_start is not None and start_wall is not None:
+            startup = start_wall - process_start
+        return {
+            "samples_per_s": throughput,
+            "samples_per_s_per_device": throughput / self.devices if throughput else None,
+            "global_batch": self.global_batch,
+            "devices": self.devices,
+            "warmup_steps": self.config.warmup_steps,
+            "steps": self.steps_done,
+            "timed_steps": len(self.step_times),
+            "timed_samples": self.timed_samples,
+            "timed_wall_s": self.timed_wall,
+            "step_time_s": summarize(self.step_times),
+            "epoch_time_s": self.epoch_times,
+            "eval_time_s": self.eval_times,
+            "train_time_s": sum(self.epoch_times),
+            "startup_s": startup,
+            "target_accuracy": self.config.target_accuracy,
+            "time_to_accuracy_s": self.time_to_accuracy,
+            "epochs_to_accuracy": self.epoch_reaching_target,
+            "test_accuracy_per_epoch": self.accuracy_per_epoch,
+            "test_loss_per_epoch": self.loss_per_epoch,
+            "final_test_accuracy": self.accuracy_per_epoch[-1] if self.accuracy_per_epoch else None,
+            "final_test_loss": self.loss_per_epoch[-1] if self.loss_per_epoch else None,
+            "peak_host_rss_bytes": peak_host_rss_bytes(),
+            "peak_device_memory_bytes": self._device_memory_peak(),
+        }
+
+
+def drive(trainer: SteppedTrainer, meter: Measurement, epochs: int, max_steps_per_epoch: int | None = None) -> None:
+    """The training loop for backends that expose single steps: epochs of timed calls, then evaluation."""
+    steps = trainer.steps_per_epoch
+    if max_steps_per_epoch:
+        steps = min(steps, max_steps_per_epoch)
+    for epoch in range(epochs):
+        trainer.begin_epoch(epoch)
+        meter.epoch_begin(epoch)
+        done = 0
+        while done < steps:
+            k = min(trainer.steps_per_call, steps - done)
+            meter.step_begin()
+            trainer.train_steps(k)
+            meter.step_end(k)
+            done += k
+        meter.epoch_end(epoch)
+        t0 = meter.now()
+        loss, acc = trainer.evaluate()
+        meter.evaluated(epoch, loss, acc, meter.now() - t0)
+
+
+class Progress:
+    """Rank 0's progress display: a rich progress bar over all steps, one line per evaluation."""
+
+    def __init__(self, total_steps: int, description: str, every: int = 50) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
+        self.console = Console(stderr=True)
+        self._bar = RichProgress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+            auto_refresh=False,
+        )
+        self._task = self._bar.add_task(description, total=total_steps, status="")
+        self._every = max(1, every)
+        self._pending = 0
+        self._bar.start()
+
+    def epoch_begin(self, epoch: int) -> None:
+        self._bar.update(self._task, status=f"epoch {epoch + 1}")
+        self._bar.refresh()
+
+    def advance(self, steps: int) -> None:
+        # refreshing is the costly part: do it every `every` steps, never per step
+        self._pending += steps
+        if self._pending >= self._every:
+            self._bar.update(self._task, advance=self._pending)
+            self._pending = 0
+            self._bar.refresh()
+
+    def evaluated(self, epoch: int, loss: float, accuracy: float) -> None:
+        self._bar.update(self._task, advance=self._pending, status=f"epoch {epoch + 1} acc {accuracy:.4f}")
+        self._pending = 0
+        self._bar.refresh()
+
+    def close(self) -> None:
+        self._bar.update(self._task, advance=self._pending)
+        self._pending = 0
+        self._bar.refresh()
+        self._bar.stop()

@@ -1,0 +1,210 @@
+"""Result records: one JSON file per run, a versioned schema, written atomically.
+
+A record is plain data. The report, W&B and the tests all read these files, never a framework.
+Layout: ``<results_dir>/<group>/<run_id>.json`` (``group`` is the sweep id, or ``runs``).
+"""
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+SCHEMA_VERSION = 1
+
+_NUMBER_OR_NULL = {"type": ["number", "null"]}
+_STATS = {
+    "type": "object",
+    "required": ["n", "mean", "p50", "p95", "min", "max", "cv"],
+    "properties": {k: _NUMBER_OR_NULL for k in ("mean", "p50", "p95", "min", "max", "cv")} | {"n": {"type": "integer"}},
+}
+
+RECORD_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "scaling result record",
+    "type": "object",
+    "required": ["schema_version", "run_id", "group", "status", "created", "config", "environment", "metrics", "error"],
+    "properties": {
+        "schema_version": {"const": SCHEMA_VERSION},
+        "run_id": {"type": "string", "minLength": 1},
+        "group": {"type": "string", "minLength": 1},
+        "status": {"enum": ["ok", "failed"]},
+        "created": {"type": "string"},
+        "config": {"type": "object"},
+        "environment": {
+            "type": "object",
+            "required": ["python", "host", "cpu_model", "cpu_count", "frameworks", "gpu", "slurm"],
+        },
+        "error": {"type": ["string", "null"]},
+        "metrics": {
+            "oneOf": [
+                {"type": "null"},
+                {
+                    "type": "object",
+                    "required": [
+                        "samples_per_s", "samples_per_s_per_device", "global_batch", "devices",
+                        "step_time_s", "epoch_time_s", "startup_s", "time_to_accuracy_s",
+                        "target_accuracy", "final_test_accuracy", "final_test_loss",
+                        "peak_host_rss_bytes", "peak_device_memory_bytes",
+                    ],
+                    "properties": {
+                        "samples_per_s": _NUMBER_OR_NULL,
+                        "samples_per_s_per_device": _NUMBER_OR_NULL,
+                        "global_batch": {"type": "integer", "minimum": 1},
+                        "devices": {"type": "integer", "minimum": 1},
+                        "step_time_s": _STATS,
+                        "epoch_time_s": {"type": "array", "items": {"type": "number"}},
+                        "startup_s": _NUMBER_OR_NULL,
+                        "time_to_accuracy_s": _NUMBER_OR_NULL,
+                        "target_accuracy": {"type": "number"},
+                        "final_test_accuracy": _NUMBER_OR_NULL,
+                        "final_test_loss": _NUMBER_OR_NULL,
+                        "test_accuracy_per_epoch": {"type": "array", "items": {"type": "number"}},
+                        "peak_host_rss_bytes": {"type": "integer"},
+                        "peak_device_memory_bytes": {"type": ["integer", "null"]},
+                    },
+                },
+            ]
+        },
+    },
+}
+
+
+class RecordError(ValueError):
+    pass
+
+
+def validate(record: dict) -> None:
+    """Raise RecordError naming the first schema violation."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(record, RECORD_SCHEMA)
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "<root>"
+        raise RecordError(f"record {record.get('run_id', '?')}: {where}: {exc.message}") from None
+    if record["status"] == "ok" and record["metrics"] is None:
+        raise RecordError(f"record {record['run_id']}: status ok but no metrics")
+    if record["status"] == "failed" and not record["error"]:
+        raise RecordError(f"record {record['run_id']}: status failed but no error message")
+
+
+def make_record(
+    *, run_id: str, group: str, config: dict, environment: dict, metrics: dict | None, error: str | None
+) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "group": group,
+        "status": "failed" if error else "ok",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": config,
+        "environment": environment,
+        "metrics": metrics,
+        "error": error,
+    }
+
+
+def record_path(results_dir: str | Path, group: str, run_id: str) -> Path:
+    return Path(results_dir) / group / f"{run_id}.json"
+
+
+def write_record(record: dict, results_dir: str | Path) -> Path:
+    """Validate, then write atomically: a temp file in the same folder, fsync, rename over the target.
+
+    A reader (or a crash) sees either no file or the whole record, never half of one.
+    """
+    validate(record)
+    path = record_path(results_dir, record["group"], record["run_id"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(record, fh, indent=1, sort_keys=False, default=_json_default)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def _json_default(obj: Any) -> Any:
+    # numpy scalars and paths reach records through configs and metrics
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_records(results_dir: str | Path) -> Iterator[tuple[Path, dict]]:
+    """Every record under ``results_dir`` (temp files skipped), in path order."""
+    for path in sorted(Path(results_dir).glob("*/*.json")):
+        if path.name.startswith("."):
+            continue
+        with path.open() as fh:
+            yield path, json.load(fh)
+
+
+# -- environment ------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def slurm_environment() -> dict | None:
+    if "SLURM_JOB_ID" not in os.environ:
+        return None
+    keys = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST",
+            "SLURM_NNODES", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_JOB_PARTITION", "SLURM_JOB_GPUS")
+    return {k.removeprefix("SLURM_").lower(): os.environ[k] for k in keys if k in os.environ}
+
+
+def capture_environment(frameworks: dict[str, str] | None = None, gpu: dict | None = None) -> dict:
+    """Where and with what a run ran. Backends add their framework versions and GPU facts."""
+    try:
+        import psutil
+
+        mem = psutil.virtual_memory().total
+    except Exception:
+        mem = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "host": socket.gethostname(),
+        "user": _user(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_bytes": mem,
+        "frameworks": dict(frameworks or {}),
+        "gpu": gpu,
+        "slurm": slurm_environment(),
+        "argv": sys.argv,
+    }
+
+
+def _user() -> str | None:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return None

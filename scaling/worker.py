@@ -1,0 +1,148 @@
+"""What one worker process does: check the config, load the data, build the backend, train under
+the protocol, and (rank 0) write the record and print the summary."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from scaling import config as config_mod
+from scaling import records
+from scaling.protocol import Measurement, Progress, ProtocolConfig, process_start_time
+
+
+def rank_info() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's or Slurm's variables; (0, 1, 0) alone."""
+    env = os.environ
+    for r, w, l in (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
+        if r in env and w in env:
+            return int(env[r]), int(env[w]), int(env.get(l, 0))
+    return 0, 1, 0
+
+
+def default_run_id(cfg: dict, devices: int) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return (f"{cfg['backend']['name']}_{cfg['workload']['name']}_{cfg['data']['name']}"
+            f"_n{devices}_{stamp}_{socket.gethostname()}-{os.getpid()}")
+
+
+def run(cfg: dict[str, Any]) -> dict:
+    """Run one worker of one run; returns the record (rank 0 has also written it).
+
+    Raises ConfigError before anything is loaded when the config cannot run (no record then).
+    """
+    config_mod.validate(cfg)
+    process_start = process_start_time()
+    rank, world, local_rank = rank_info()
+    pcfg = ProtocolConfig(**cfg["protocol"])
+    group = cfg.get("group") or "runs"
+    env: dict[str, Any] = {}
+    metrics = None
+    error = None
+    backend = None
+    progress = None
+    run_id = cfg.get("run_name") or None
+    try:
+        from scaling import data
+        from scaling.backends import RunContext, load_backend
+
+        dcfg = cfg["data"]
+        log = _log if rank == 0 else _quiet
+        if dcfg["name"] in data.REAL_DATASETS:
+            data.fetch(dcfg["name"], dcfg.get("cache_dir"), offline=dcfg.get("offline") or None, log=log)
+        dataset = data.load(dcfg["name"], cache_dir=dcfg.get("cache_dir"), seed=cfg["seed"], log=log)
+        ctx = RunContext(config=cfg, dataset=dataset, rank=rank, world_size=world, local_rank=local_rank)
+        backend = load_backend(cfg["backend"]["_target_"])(ctx)
+        run_id = run_id or default_run_id(cfg, backend.devices * world)
+        if rank == 0 and cfg.get("progress", True):
+            steps = backend.steps_per_epoch
+            limit = cfg["train"].get("max_steps_per_epoch")
+            steps = min(steps, limit) if limit else steps
+            progress = Progress(steps * int(cfg["train"]["epochs"]), run_id, every=pcfg.log_every)
+        meter = Measurement(pcfg, global_batch=backend.global_batch, devices=backend.devices * world,
+                            sync=backend.sync, device_memory_peak=backend.device_memory_peak, progress=progress)
+        backend.train(meter)
+        metrics = meter.result(process_start)
+        metrics["steps_per_epoch"] = backend.steps_per_epoch
+    except KeyboardInterrupt:
+        error = "interrupted (KeyboardInterrupt)"
+        raise
+    except Exception as exc:  # the run failed: record why, do not lose the record
+        error = f"rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
+    finally:
+        if progress:
+            progress.close()
+        if backend is not None:
+            try:
+                env = backend.environment()
+            except Exception:  # a broken probe must not cost the record
+                env = {}
+        record = records.make_record(
+            run_id=run_id or default_run_id(cfg, world),
+            group=group,
+            config=cfg,
+            environment=records.capture_environment(env.pop("frameworks", None), env.pop("gpu", None)) | env,
+            metrics=metrics,
+            error=error,
+        )
+        record["environment"]["rank"] = rank
+        record["environment"]["world_size"] = world
+        if rank == 0:
+            path = records.write_record(record, cfg["results_dir"])
+            record["path"] = str(path)
+    return record
+
+
+def _log(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def print_summary(record: dict) -> None:
+    """A short table of the run's figures (rank 0)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    cfg, m = record["config"], record["metrics"]
+    title = f"{record['run_id']}  [{'green' if record['status'] == 'ok' else 'red'}]{record['status']}[/]"
+    table = Table(title=title, show_header=True)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_row("backend / workload / data", f"{cfg['backend']['name']} / {cfg['workload']['name']} / {cfg['data']['name']}")
+    if m:
+        st = m["step_time_s"]
+        rows = [
+            ("devices x per-device batch", f"{m['devices']} x {m['global_batch'] // m['devices']}"),
+            ("samples/s (global)", _fmt(m["samples_per_s"], ",.0f")),
+            ("samples/s per device", _fmt(m["samples_per_s_per_device"], ",.0f")),
+            ("step time mean / p50 / p95 (ms)", " / ".join(_fmt(st[k] and st[k] * 1e3, ".3f") for k in ("mean", "p50", "p95"))),
+            ("step time CV", _fmt(st["cv"], ".3f")),
+            ("epoch time (s)", ", ".join(f"{t:.2f}" for t in m["epoch_time_s"])),
+            ("startup (s)", _fmt(m["startup_s"], ".2f")),
+            (f"time to {m['target_accuracy']:.0%} (s)", _fmt(m["time_to_accuracy_s"], ".2f") if m["time_to_accuracy_s"] else "not reached"),
+            ("final test accuracy", _fmt(m["final_test_accuracy"], ".4f")),
+            ("final test loss", _fmt(m["final_test_loss"], ".4f")),
+            ("peak host RSS (MiB)", _fmt(m["peak_host_rss_bytes"] / 2**20, ".0f")),
+        ]
+        if m["peak_device_memory_bytes"] is not None:
+            rows.append(("peak device memory (MiB)", _fmt(m["peak_device_memory_bytes"] / 2**20, ".0f")))
+        for row in rows:
+            table.add_row(*row)
+    if record.get("error"):
+        table.add_row("error", record["error"].splitlines()[0])
+    if record.get("path"):
+        table.add_row("record", record["path"])
+    console.print(table)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)

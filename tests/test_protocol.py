@@ -1,0 +1,113 @@
+"""The measurement protocol, driven by a fake clock: what is timed, what is excluded."""
+import pytest
+
+from scaling.protocol import Measurement, ProtocolConfig, drive, summarize
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+class FakeTrainer:
+    """Each step costs `step` seconds; the gap between steps `gap`; evaluation `eval_s`."""
+
+    steps_per_call = 1
+
+    def __init__(self, clock, steps_per_epoch=10, step=0.01, accs=(0.5, 0.98, 0.99), eval_s=1.0):
+        self.clock, self.steps_per_epoch, self.step, self.accs, self.eval_s = clock, steps_per_epoch, step, list(accs), eval_s
+        self.epochs_begun = []
+        self.synced = 0
+
+    def begin_epoch(self, epoch):
+        self.epochs_begun.append(epoch)
+
+    def train_steps(self, n):
+        self.clock.now += self.step * n
+
+    def sync(self):
+        self.synced += 1
+
+    def evaluate(self):
+        self.clock.now += self.eval_s
+        return 0.1, self.accs[len(self.epochs_begun) - 1]
+
+
+def test_warmup_excluded_and_throughput_from_wall_clock():
+    clock = FakeClock()
+    trainer = FakeTrainer(clock)
+    meter = Measurement(ProtocolConfig(warmup_steps=5, target_accuracy=0.97), global_batch=64, devices=2,
+                        sync=trainer.sync, clock=clock)
+    drive(trainer, meter, epochs=3)
+    r = meter.result()
+    assert r["steps"] == 30
+    assert r["timed_steps"] == 25  # 5 warm-up steps excluded
+    assert trainer.synced == 30  # every step ends with a device sync
+    assert r["timed_samples"] == 25 * 64
+    assert r["step_time_s"]["mean"] == pytest.approx(0.01)
+    assert r["timed_wall_s"] == pytest.approx(0.25)
+    assert r["samples_per_s"] == pytest.approx(25 * 64 / 0.25)
+    assert r["samples_per_s_per_device"] == pytest.approx(r["samples_per_s"] / 2)
+    assert r["epoch_time_s"] == pytest.approx([0.1, 0.1, 0.1])
+    # evaluation time is not training time, but it counts towards time-to-accuracy
+    assert r["eval_time_s"] == pytest.approx([1.0, 1.0, 1.0])
+    assert r["epochs_to_accuracy"] == 2
+    assert r["time_to_accuracy_s"] == pytest.approx(0.1 + 1.0 + 0.1 + 1.0)
+    assert r["final_test_accuracy"] == 0.99
+    assert r["test_accuracy_per_epoch"] == [0.5, 0.98, 0.99]
+
+
+def test_gaps_between_steps_are_paid_in_throughput_not_step_time():
+    clock = FakeClock()
+    meter = Measurement(ProtocolConfig(warmup_steps=0), global_batch=10, devices=1, clock=clock)
+    meter.epoch_begin(0)
+    for _ in range(4):
+        clock.now += 0.5  # input pipeline between steps
+        meter.step_begin()
+        clock.now += 0.5
+        meter.step_end()
+    meter.epoch_end(0)
+    r = meter.result()
+    assert r["step_time_s"]["p50"] == pytest.approx(0.5)
+    assert r["samples_per_s"] == pytest.approx(40 / 4.0)
+
+
+def test_fused_steps_and_partial_batches():
+    clock = FakeClock()
+    meter = Measurement(ProtocolConfig(warmup_steps=4), global_batch=8, devices=1, clock=clock)
+    meter.epoch_begin(0)
+    for _ in range(3):  # three calls of four fused steps each
+        meter.step_begin()
+        clock.now += 0.4
+        meter.step_end(4)
+    meter.step_begin()
+    clock.now += 0.1
+    meter.step_end(1, samples=3)  # the last, partial batch
+    meter.epoch_end(0)
+    r = meter.result()
+    assert r["timed_steps"] == 9
+    assert r["timed_samples"] == 8 * 8 + 3
+    assert r["step_time_s"]["mean"] == pytest.approx((8 * 0.1 + 0.1) / 9)
+    assert r["timed_wall_s"] == pytest.approx(0.9)
+
+
+def test_target_never_reached_and_startup():
+    clock = FakeClock()
+    trainer = FakeTrainer(clock, accs=(0.5, 0.6))
+    meter = Measurement(ProtocolConfig(warmup_steps=0, target_accuracy=0.97), global_batch=4, devices=1, clock=clock)
+    drive(trainer, meter, epochs=2, max_steps_per_epoch=3)
+    r = meter.result(process_start=meter.train_start_wall() - 2.5)
+    assert r["steps"] == 6
+    assert r["time_to_accuracy_s"] is None and r["epochs_to_accuracy"] is None
+    assert r["startup_s"] == pytest.approx(2.5)
+
+
+def test_summarize():
+    s = summarize([1.0, 2.0, 3.0, 4.0])
+    assert s["n"] == 4 and s["mean"] == 2.5 and s["p50"] == 2.5 and s["min"] == 1.0 and s["max"] == 4.0
+    assert s["p95"] == pytest.approx(3.85)
+    assert s["cv"] == pytest.approx((1.25 ** 0.5) / 2.5)
+    assert summarize([])["mean"] is None
