@@ -34,7 +34,14 @@ def _hydra_run() -> int:
 
         plain = OmegaConf.to_container(cfg, resolve=True)
         try:
-            record = worker.run(plain)
+            if plain["backend"].get("launcher", "inprocess") == "inprocess":
+                record = worker.run(plain)
+            else:
+                from scaling.config import validate
+                from launch.local import launch
+
+                validate(plain)
+                record = launch(plain)
         except ConfigError as exc:
             print(f"scaling run: invalid config: {exc}", file=sys.stderr)
             status["code"] = 2

@@ -56,5 +56,19 @@ def validate(cfg: dict) -> None:
     target = cfg["protocol"].get("target_accuracy")
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
         raise ConfigError(f"protocol.target_accuracy={target!r}: must be in (0, 1], e.g. 0.97")
+    _positive_int(cfg, "devices")
+    _positive_int(cfg, "cluster.nodes")
+    from scaling.geometry import GeometryError, plan
+
+    most = cfg["backend"].get("max_devices")
+    total = cfg["devices"] * cfg["cluster"]["nodes"]
+    if most is not None and total > most:
+        raise ConfigError(f"backend={cfg['backend']['name']} trains on {most} device(s), not {total}. "
+                          f"Fix: devices=1, or a distributed backend ({', '.join(b for b in available('backend') if '_' in b and 'textbook' not in b)})")
+
+    try:
+        plan(cfg)
+    except GeometryError as exc:
+        raise ConfigError(str(exc)) from None
     if cfg.get("device") not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device={cfg.get('device')!r}: must be auto, cpu or cuda")

@@ -594,6 +594,19 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def rank_shard(perm: np.ndarray, global_batch: int, rank: int, per_device_batch: int) -> np.ndarray:
+    """This rank's samples of an epoch, step after step: full global batches only.
+
+    Step s's global batch is ``perm[s*G:(s+1)*G]`` whatever the device count, and rank r takes the
+    r-th slice of ``per_device_batch`` of it. So ranks see disjoint samples that together cover
+    every full batch, and N workers at global batch G train on the same batches, in the same
+    order, as one worker at G.
+    """
+    steps = len(perm) // global_batch
+    batches = perm[: steps * global_batch].reshape(steps, global_batch)
+    return np.ascontiguousarray(batches[:, rank * per_device_batch:(rank + 1) * per_device_batch]).reshape(-1)
+
+
 # --------------------------------------------------------------------------- synthetic
 
 

@@ -116,20 +116,25 @@ def record_path(results_dir: str | Path, group: str, run_id: str) -> Path:
 
 
 def write_record(record: dict, results_dir: str | Path) -> Path:
-    """Validate, then write atomically: a temp file in the same folder, fsync, rename over the target.
-
-    A reader (or a crash) sees either no file or the whole record, never half of one.
-    """
+    """Validate, then write atomically (see write_json_atomic)."""
     validate(record)
     path = record_path(results_dir, record["group"], record["run_id"])
+    write_json_atomic(path, record)
+    return path
+
+
+def write_json_atomic(path: Path, body: Any) -> None:
+    """A temp file in the same folder, fsync, rename over the target: a reader (or a crash) sees
+    either no file or the whole file, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(record, fh, indent=1, sort_keys=False, default=_json_default)
+            json.dump(body, fh, indent=1, sort_keys=False, default=_json_default)
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; records are for every reader of the results
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -137,7 +142,6 @@ def write_record(record: dict, results_dir: str | Path) -> Path:
         except FileNotFoundError:
             pass
         raise
-    return path
 
 
 def _json_default(obj: Any) -> Any:

@@ -14,19 +14,39 @@ from scaling import records
 from scaling.protocol import Measurement, Progress, ProtocolConfig, process_start_time
 
 
-def rank_info() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's or Slurm's variables; (0, 1, 0) alone."""
+def rank_info() -> tuple[int, int, int, int]:
+    """(rank, world size, local rank, local world size) from the launcher's variables.
+
+    torchrun and our own launchers set RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE, horovodrun its
+    HOROVOD_* variables, srun SLURM_*; a lone process is (0, 1, 0, 1).
+    """
     env = os.environ
-    for r, w, l in (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
+    for r, w, lr, lw in (("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+                         ("HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK", "HOROVOD_LOCAL_SIZE"),
+                         ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE")):
         if r in env and w in env:
-            return int(env[r]), int(env[w]), int(env.get(l, 0))
-    return 0, 1, 0
+            local_world = env.get(lw, "1").split("(")[0]  # SLURM_NTASKS_PER_NODE may read "2(x2)"
+            return int(env[r]), int(env[w]), int(env.get(lr, 0)), int(local_world or 1)
+    return 0, 1, 0, 1
 
 
 def default_run_id(cfg: dict, devices: int) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return (f"{cfg['backend']['name']}_{cfg['workload']['name']}_{cfg['data']['name']}"
             f"_n{devices}_{stamp}_{socket.gethostname()}-{os.getpid()}")
+
+
+def pin_cpu_share(cfg: dict, local_rank: int, local_world: int) -> list[int] | None:
+    """Pin this worker to its share of the node's cores when workers share a CPU node."""
+    if local_world <= 1 or not cfg.get("pin_cpus", True) or cfg["device"] == "cuda":
+        return None
+    if cfg["device"] == "auto" and os.path.exists("/dev/nvidiactl"):
+        return None  # GPU workers: the framework's threads feed the GPU, leave them be
+    from scaling.geometry import cpu_share
+
+    cores = cpu_share(local_rank, local_world)
+    os.sched_setaffinity(0, cores)
+    return cores
 
 
 def run(cfg: dict[str, Any]) -> dict:
@@ -36,7 +56,8 @@ def run(cfg: dict[str, Any]) -> dict:
     """
     config_mod.validate(cfg)
     process_start = process_start_time()
-    rank, world, local_rank = rank_info()
+    rank, world, local_rank, local_world = rank_info()
+    pinned = pin_cpu_share(cfg, local_rank, local_world)
     pcfg = ProtocolConfig(**cfg["protocol"])
     group = cfg.get("group") or "runs"
     env: dict[str, Any] = {}
@@ -44,29 +65,38 @@ def run(cfg: dict[str, Any]) -> dict:
     error = None
     backend = None
     progress = None
+    rank_summary: dict[str, Any] = {}
     run_id = cfg.get("run_name") or None
     try:
         from scaling import data
         from scaling.backends import RunContext, load_backend
+        from scaling.geometry import plan
 
         dcfg = cfg["data"]
         log = _log if rank == 0 else _quiet
         if dcfg["name"] in data.REAL_DATASETS:
             data.fetch(dcfg["name"], dcfg.get("cache_dir"), offline=dcfg.get("offline") or None, log=log)
         dataset = data.load(dcfg["name"], cache_dir=dcfg.get("cache_dir"), seed=cfg["seed"], log=log)
-        ctx = RunContext(config=cfg, dataset=dataset, rank=rank, world_size=world, local_rank=local_rank)
+        ctx = RunContext(config=cfg, dataset=dataset, geometry=plan(cfg), rank=rank, world_size=world,
+                         local_rank=local_rank, local_world_size=local_world)
         backend = load_backend(cfg["backend"]["_target_"])(ctx)
-        run_id = run_id or default_run_id(cfg, backend.devices * world)
+        # a backend that starts its own processes (Lightning) knows the rank only now
+        rank = getattr(backend, "rank", rank)
+        run_id = run_id or default_run_id(cfg, ctx.geometry.devices)
         if rank == 0 and cfg.get("progress", True):
             steps = backend.steps_per_epoch
             limit = cfg["train"].get("max_steps_per_epoch")
             steps = min(steps, limit) if limit else steps
             progress = Progress(steps * int(cfg["train"]["epochs"]), run_id, every=pcfg.log_every)
-        meter = Measurement(pcfg, global_batch=backend.global_batch, devices=backend.devices * world,
+        meter = Measurement(pcfg, global_batch=ctx.geometry.global_batch, devices=ctx.geometry.devices,
                             sync=backend.sync, device_memory_peak=backend.device_memory_peak, progress=progress)
         backend.train(meter)
         metrics = meter.result(process_start)
         metrics["steps_per_epoch"] = backend.steps_per_epoch
+        metrics["per_device_batch"] = ctx.geometry.per_device_batch
+        metrics["lr"] = ctx.geometry.lr
+        digest = getattr(backend, "param_digests", None)
+        rank_summary["param_digests"] = digest() if digest else None
     except KeyboardInterrupt:
         error = "interrupted (KeyboardInterrupt)"
         raise
@@ -88,12 +118,33 @@ def run(cfg: dict[str, Any]) -> dict:
             metrics=metrics,
             error=error,
         )
-        record["environment"]["rank"] = rank
-        record["environment"]["world_size"] = world
+        record["environment"].update(rank=rank, world_size=world, pinned_cpus=pinned)
+        _report_to_launcher(rank, record, rank_summary)
         if rank == 0:
             path = records.write_record(record, cfg["results_dir"])
             record["path"] = str(path)
     return record
+
+
+def _report_to_launcher(rank: int, record: dict, summary: dict) -> None:
+    """Tell the launcher (when there is one) this rank finished, and how: ``rank<r>.exit.json``."""
+    run_dir = os.environ.get("SCALING_RUN_DIR")
+    if not run_dir:
+        return
+    m = record["metrics"] or {}
+    body = {"rank": rank, "status": record["status"], "error": record["error"], "host": socket.gethostname(),
+            "pid": os.getpid(), "samples_per_s": m.get("samples_per_s"), **summary}
+    records.write_json_atomic(Path(run_dir) / f"rank{rank}.exit.json", body)
+
+
+def announce(run_dir: str | None = None) -> None:
+    """Write ``rank<r>.pid`` so the launcher can watch this worker (and name it if it dies)."""
+    run_dir = run_dir or os.environ.get("SCALING_RUN_DIR")
+    if not run_dir:
+        return
+    rank = rank_info()[0]
+    records.write_json_atomic(Path(run_dir) / f"rank{rank}.pid.json",
+                              {"rank": rank, "pid": os.getpid(), "host": socket.gethostname()})
 
 
 def _log(msg: str) -> None:
@@ -146,3 +197,24 @@ def print_summary(record: dict) -> None:
 
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m scaling.worker --config CFG.json``: one launched worker process."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="scaling.worker")
+    ap.add_argument("--config", required=True, help="the run's resolved config as JSON (written by the launcher)")
+    args = ap.parse_args(argv)
+    with open(args.config) as fh:
+        cfg = json.load(fh)
+    announce()
+    record = run(cfg)
+    return 0 if record["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

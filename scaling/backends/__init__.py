@@ -6,10 +6,11 @@ between backends: the protocol, the data and the workloads are.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from scaling.data import Dataset
+from scaling.geometry import Geometry
 from scaling.protocol import Measurement
 
 
@@ -19,10 +20,11 @@ class RunContext:
 
     config: dict[str, Any]
     dataset: Dataset
+    geometry: Geometry
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    local_world_size: int = 1
 
     @property
     def train(self) -> dict[str, Any]:
@@ -44,6 +46,7 @@ class Backend(Protocol):
     def device_memory_peak(self) -> int | None: ...
     def environment(self) -> dict[str, Any]: ...
     def train(self, meter: Measurement) -> None: ...
+    # optional: def param_digests(self) -> list[str]: sha256 of the parameters, one per replica held
 
 
 def load_backend(target: str) -> type:

@@ -31,7 +31,8 @@ class TFSingleDevice:
         backend_cfg = cfg["backend"]
         self.steps_per_call = int(backend_cfg.get("steps_per_call") or 1)
         jit = bool(backend_cfg.get("jit_compile", False))
-        self.global_batch = b = int(train["per_device_batch"])
+        self.geometry = ctx.geometry
+        self.global_batch = b = ctx.geometry.global_batch
         ds = ctx.dataset
         with tf.device(tf_common.device_name()):
             self.x, self.y = tf_common.to_tensors(ds.train_x, ds.train_y)
@@ -39,7 +40,8 @@ class TFSingleDevice:
             self.perm = tf.Variable(tf.zeros([ds.train_x.shape[0]], tf.int32), trainable=False)
         self.steps_per_epoch = int(self.x.shape[0]) // b
         self.model = tf_models.build(cfg["workload"]["name"], ds.num_classes)
-        self.optimizer = keras.optimizers.Adam(learning_rate=float(train["lr"]))
+        self.optimizer = keras.optimizers.Adam(learning_rate=ctx.geometry.lr_at(0))
+        self.optimizer.build(self.model.trainable_variables)
         self.loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         self._evaluate = tf_common.make_evaluator(self.model)
         model, optimizer, loss_fn, x, y, perm = self.model, self.optimizer, self.loss_fn, self.x, self.y, self.perm
@@ -66,6 +68,7 @@ class TFSingleDevice:
 
         self._step, self._steps = step, steps
         self._cursor = 0
+        self._step = 0
         self._last_loss = None
 
     def begin_epoch(self, epoch: int) -> None:
@@ -73,6 +76,9 @@ class TFSingleDevice:
         self._cursor = 0
 
     def train_steps(self, n: int) -> None:
+        if self._step < self.geometry.lr_warmup_steps:
+            self.optimizer.learning_rate.assign(self.geometry.lr_at(self._step))
+        self._step += n
         start = self.tf.constant(self._cursor, self.tf.int32)
         if n == 1:
             self._last_loss = self._step(start)

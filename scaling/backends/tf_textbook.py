@@ -21,7 +21,7 @@ class TFTextbook:
 
         self.ctx = ctx
         keras.utils.set_random_seed(cfg["seed"])
-        self.global_batch = int(train["per_device_batch"])
+        self.global_batch = ctx.geometry.global_batch
         ds = ctx.dataset
         limit = train.get("max_steps_per_epoch")
         n = min(len(ds.train_y), limit * self.global_batch) if limit else len(ds.train_y)
@@ -30,7 +30,7 @@ class TFTextbook:
         self.steps_per_epoch = -(-n // self.global_batch)
         self.model = tf_models.build(cfg["workload"]["name"], ds.num_classes)
         self.model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate=float(train["lr"])),
+            optimizer=keras.optimizers.Adam(learning_rate=ctx.geometry.lr),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
         )

@@ -25,17 +25,19 @@ class TorchSingleDevice:
         torch.manual_seed(cfg["seed"])
         self.ctx = ctx
         self.device = tc.resolve_device(cfg["device"], ctx.local_rank)
-        self.global_batch = int(train["per_device_batch"])
+        self.geometry = ctx.geometry
+        self.global_batch = ctx.geometry.global_batch
         ds = ctx.dataset
         self.x, self.y = tc.to_device_tensors(ds.train_x, ds.train_y, self.device)
         self.test_x, self.test_y = tc.to_device_tensors(ds.test_x, ds.test_y, self.device)
         self.steps_per_epoch = self.x.shape[0] // self.global_batch  # full batches only
         self.model = torch_models.build(cfg["workload"]["name"], ds.num_classes).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=float(train["lr"]))
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=ctx.geometry.lr_at(0))
         fast = cfg["backend"].get("fast") or "none"
         self.step_model = torch.compile(self.model) if fast == "compile" else self.model
         self._perm: torch.Tensor | None = None
         self._cursor = 0
+        self._step = 0
 
     def begin_epoch(self, epoch: int) -> None:
         perm = epoch_permutation(self.x.shape[0], self.ctx.config["seed"], epoch)
@@ -46,6 +48,9 @@ class TorchSingleDevice:
     def train_steps(self, n: int) -> None:
         b = self.global_batch
         for _ in range(n):
+            if self._step < self.geometry.lr_warmup_steps:
+                self.optimizer.param_groups[0]["lr"] = self.geometry.lr_at(self._step)
+            self._step += 1
             idx = self._perm[self._cursor:self._cursor + b]
             self._cursor += b
             out = self.step_model(self.x.index_select(0, idx))

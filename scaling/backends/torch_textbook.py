@@ -42,7 +42,7 @@ class TorchTextbook:
         torch.manual_seed(cfg["seed"])
         self.ctx = ctx
         self.device = tc.resolve_device(cfg["device"], ctx.local_rank)
-        self.global_batch = int(train["per_device_batch"])
+        self.global_batch = ctx.geometry.global_batch
         ds = ctx.dataset
         self.loader = DataLoader(
             ImageDataset(ds.train_x, ds.train_y),
@@ -54,7 +54,7 @@ class TorchTextbook:
         self.test_loader = DataLoader(ImageDataset(ds.test_x, ds.test_y), batch_size=1000)
         self.steps_per_epoch = len(self.loader)
         self.model = torch_models.build(cfg["workload"]["name"], ds.num_classes).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=float(train["lr"]))
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=ctx.geometry.lr)
 
     def sync(self) -> None:
         tc.sync(self.device)

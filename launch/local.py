@@ -1,0 +1,249 @@
+"""Start the workers of one run on this machine the framework's own way, watch them, and turn
+their exits into one status and one record.
+
+- ``torchrun``: ``python -m torch.distributed.run --standalone`` (torch DDP, Lightning)
+- ``tf_config``: one process per worker with its ``TF_CONFIG`` (TF MultiWorkerMirrored)
+- ``horovodrun``: ``horovodrun --gloo -np N -H localhost:N`` (Horovod)
+- ``process``: one worker process (single-device backends, TF Mirrored over N devices)
+
+Every worker runs ``python -m scaling.worker --config <run dir>/config.json``, announces itself
+in ``rank<r>.pid.json`` and reports in ``rank<r>.exit.json``. A rank whose process is gone without
+a report is dead: the launcher then stops every other worker (SIGTERM, then SIGKILL), so a killed
+worker ends the run in seconds rather than at a collective's timeout, and writes a ``failed``
+record naming the dead rank.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scaling import records
+
+#: after the first dead rank, how long the framework's own launcher gets to stop the rest
+GRACE_S = 3.0
+#: after SIGTERM, how long before SIGKILL
+TERM_TIMEOUT_S = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def processes_for(cfg: dict) -> int:
+    """How many worker processes a run starts on this node."""
+    return 1 if cfg["backend"].get("launcher") in ("process", "inprocess") else int(cfg["devices"])
+
+
+def worker_commands(cfg: dict, config_path: Path) -> list[tuple[list[str], dict[str, str]]]:
+    """(argv, extra environment) of each process to start for this run."""
+    launcher = cfg["backend"].get("launcher", "process")
+    n = int(cfg["devices"])
+    worker = ["-m", "scaling.worker", "--config", str(config_path)]
+    if launcher in ("process", "inprocess"):
+        return [([sys.executable, *worker], {})]
+    if launcher == "torchrun":
+        return [([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+                  "--max-restarts=0", *worker], {})]
+    if launcher == "horovodrun":
+        exe = shutil.which("horovodrun") or "horovodrun"
+        return [([exe, "--gloo", "-np", str(n), "-H", f"localhost:{n}", sys.executable, *worker], {})]
+    if launcher == "tf_config":
+        ports = [free_port() for _ in range(n)]
+        cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+        return [
+            ([sys.executable, *worker], {
+                "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
+                "RANK": str(i), "WORLD_SIZE": str(n), "LOCAL_RANK": str(i), "LOCAL_WORLD_SIZE": str(n),
+            })
+            for i in range(n)
+        ]
+    raise ValueError(f"backend.launcher={launcher!r}: unknown (process, torchrun, tf_config, horovodrun)")
+
+
+@dataclass
+class _Proc:
+    popen: subprocess.Popen
+    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=60))
+    reader: threading.Thread | None = None
+
+
+def _pump(proc: _Proc, log) -> None:
+    """Forward a process's output to ours and to the run log, keeping the last lines for errors."""
+    for line in iter(proc.popen.stdout.readline, ""):
+        proc.tail.append(line.rstrip("\n"))
+        log.write(line)
+        log.flush()
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        import psutil
+
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except Exception:  # NoSuchProcess, AccessDenied: gone for our purposes
+        return False
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _stop(procs: list[_Proc], run_dir: Path) -> None:
+    """SIGTERM every process group we started and every announced rank, SIGKILL what remains."""
+    pids = {p["pid"] for p in map(_read_json, run_dir.glob("rank*.pid.json")) if p}
+    for proc in procs:
+        if proc.popen.poll() is None:
+            try:
+                os.killpg(proc.popen.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + TERM_TIMEOUT_S
+    while time.monotonic() < deadline and (any(p.popen.poll() is None for p in procs) or any(_alive(x) for x in pids)):
+        time.sleep(0.1)
+    for proc in procs:
+        if proc.popen.poll() is None:
+            try:
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for pid in pids:
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for proc in procs:
+        proc.popen.wait()
+
+
+def _dead_ranks(run_dir: Path) -> list[dict]:
+    """Announced ranks whose process is gone without an exit report."""
+    dead = []
+    for path in sorted(run_dir.glob("rank*.pid.json")):
+        info = _read_json(path)
+        if info and not (run_dir / f"rank{info['rank']}.exit.json").exists() and not _alive(info["pid"]):
+            dead.append(info)
+    return dead
+
+
+def launch(cfg: dict[str, Any]) -> dict:
+    """Run one multi-process (or isolated single-process) run; returns its final record."""
+    from scaling.worker import default_run_id
+
+    from scaling.geometry import plan
+
+    run_id = cfg.get("run_name") or default_run_id(cfg, plan(cfg).devices)
+    cfg = {**cfg, "run_name": run_id}
+    group = cfg.get("group") or "runs"
+    results = Path(cfg["results_dir"])
+    run_dir = results / group / f".{run_id}.run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    config_path = run_dir / "config.json"
+    records.write_json_atomic(config_path, cfg)
+    # a stale record of the same id would be mistaken for this run's
+    records.record_path(results, group, run_id).unlink(missing_ok=True)
+
+    env = dict(os.environ, SCALING_RUN_DIR=str(run_dir), SCALING_LAUNCH_TIME=repr(time.time()),
+               PYTHONUNBUFFERED="1")
+    log_path = results / group / f"{run_id}.log"
+    procs: list[_Proc] = []
+    failure: str | None = None
+    with open(log_path, "w") as log:
+        try:
+            for argv, extra in worker_commands(cfg, config_path):
+                popen = subprocess.Popen(argv, env=env | extra, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         text=True, start_new_session=True)
+                proc = _Proc(popen)
+                proc.reader = threading.Thread(target=_pump, args=(proc, log), daemon=True)
+                proc.reader.start()
+                procs.append(proc)
+            failure = _supervise(procs, run_dir)
+        except BaseException:
+            _stop(procs, run_dir)
+            failure = failure or "launcher interrupted"
+            _finish(cfg, run_id, group, results, run_dir, procs, failure)
+            raise
+        if failure:
+            _stop(procs, run_dir)
+        for proc in procs:
+            if proc.reader:
+                proc.reader.join(timeout=5)
+    return _finish(cfg, run_id, group, results, run_dir, procs, failure)
+
+
+def _supervise(procs: list[_Proc], run_dir: Path) -> str | None:
+    """Wait for the workers; the first sign of a dead or failed worker, as a message (None if none)."""
+    first_dead_at = None
+    dead: list[dict] = []
+    while True:
+        codes = [p.popen.poll() for p in procs]
+        if all(c is not None for c in codes):
+            break
+        now_dead = _dead_ranks(run_dir)
+        if now_dead and first_dead_at is None:
+            dead, first_dead_at = now_dead, time.monotonic()
+        if first_dead_at is not None and time.monotonic() - first_dead_at > GRACE_S:
+            break
+        if any(c not in (None, 0) for c in codes) and first_dead_at is None:
+            first_dead_at = time.monotonic()  # a launcher failed: give the others a moment, then stop them
+        time.sleep(0.2)
+    dead = dead or _dead_ranks(run_dir)
+    if dead:
+        return "; ".join(f"rank {d['rank']} (pid {d['pid']} on {d['host']}) died without finishing (killed or crashed)"
+                         for d in dead)
+    bad = [(i, p.popen.returncode) for i, p in enumerate(procs) if p.popen.returncode not in (0, None)]
+    if bad:
+        return "; ".join(f"launcher process {i} exited with code {code}" for i, code in bad)
+    return None
+
+
+def _finish(cfg: dict, run_id: str, group: str, results: Path, run_dir: Path, procs: list[_Proc],
+            failure: str | None) -> dict:
+    """One record for the run: rank 0's, with every rank's report added; a failed one otherwise."""
+    exits = sorted((e for e in map(_read_json, run_dir.glob("rank*.exit.json")) if e), key=lambda e: e["rank"])
+    failed_ranks = [e for e in exits if e["status"] != "ok"]
+    path = records.record_path(results, group, run_id)
+    record = _read_json(path)
+    if failed_ranks:
+        worst = "; ".join((e["error"] or "").splitlines()[0] for e in failed_ranks)
+        failure = f"{failure}; {worst}" if failure else worst
+    if record is None or failure:
+        tail = "\n".join(line for p in procs for line in list(p.tail)[-15:])
+        error = failure or "rank 0 wrote no record"
+        record = records.make_record(
+            run_id=run_id, group=group, config=cfg,
+            environment=(record or {}).get("environment") or records.capture_environment(),
+            metrics=None, error=f"{error}\n--- last output ---\n{tail}")
+    record["ranks"] = exits
+    digests = [tuple(e.get("param_digests") or ()) for e in exits]
+    if record["metrics"] is not None and digests and all(digests):
+        flat = {d for ds in digests for d in ds}
+        record["metrics"]["ranks_in_sync"] = len(flat) == 1
+    records.write_record(record, results)
+    record["path"] = str(path)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return record

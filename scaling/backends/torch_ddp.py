@@ -1,0 +1,134 @@
+"""PyTorch DistributedDataParallel: one process per device, NCCL on GPUs, gloo on CPU.
+
+Started by torchrun locally (and by srun under Slurm); rank and world come from the environment.
+Each rank holds the (small) dataset on its device and gathers its own slice of every global batch
+(``scaling.data.rank_shard``), so ranks see disjoint samples and no input pipeline runs between
+steps: the expert's loop for a tiny model, with DDP's bucketed all-reduce overlapping backward.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from scaling.backends import RunContext
+from scaling.backends import torch_common as tc
+from scaling.data import epoch_permutation, rank_shard
+from scaling.protocol import Measurement, drive
+from scaling.workloads import torch_models
+
+
+def init_process_group(device: torch.device, rank: int, world: int) -> str:
+    """Join the job's process group (env:// from torchrun, or from srun's variables)."""
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=5),
+                                device_id=device if device.type == "cuda" else None)
+    return dist.get_backend()
+
+
+def param_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def sharded_evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, rank: int, world: int) -> tuple[float, float]:
+    """Each rank evaluates its contiguous slice of the test set; the sums are all-reduced."""
+    n = x.shape[0]
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=x.device)
+    for start in range(lo, hi, 1000):
+        out = model(x[start:min(start + 1000, hi)])
+        target = y[start:min(start + 1000, hi)]
+        sums[0] += F.nll_loss(out, target, reduction="sum").double()
+        sums[1] += (out.argmax(1) == target).sum()
+    model.train(was_training)
+    dist.all_reduce(sums)
+    return float(sums[0]) / n, float(sums[1]) / n
+
+
+class TorchDDP:
+    devices = 1  # per process
+    steps_per_call = 1
+
+    def __init__(self, ctx: RunContext) -> None:
+        cfg = ctx.config
+        tc.configure_threads(cfg.get("threads"))
+        self.ctx = ctx
+        self.geometry = g = ctx.geometry
+        self.device = tc.resolve_device(cfg["device"], ctx.local_rank)
+        self.rank, self.world = ctx.rank, ctx.world_size
+        if self.world != g.devices:
+            raise RuntimeError(f"torch_ddp: {self.world} processes for {g.devices} devices; one process per device expected")
+        self.process_group_backend = init_process_group(self.device, self.rank, self.world)
+        torch.manual_seed(cfg["seed"])  # the same initial weights everywhere (DDP also broadcasts rank 0's)
+        ds = ctx.dataset
+        self.x, self.y = tc.to_device_tensors(ds.train_x, ds.train_y, self.device)
+        self.test_x, self.test_y = tc.to_device_tensors(ds.test_x, ds.test_y, self.device)
+        self.global_batch, self.per_device_batch = g.global_batch, g.per_device_batch
+        self.steps_per_epoch = self.x.shape[0] // g.global_batch
+        model = torch_models.build(cfg["workload"]["name"], ds.num_classes).to(self.device)
+        if (cfg["backend"].get("fast") or "none") == "compile":
+            model = torch.compile(model)
+        self.model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=g.lr_at(0))
+        torch.manual_seed(cfg["seed"] * 1000 + self.rank)  # dropout masks differ per rank
+        self._shard: torch.Tensor | None = None
+        self._cursor = 0
+        self._step = 0
+
+    def begin_epoch(self, epoch: int) -> None:
+        perm = epoch_permutation(self.x.shape[0], self.ctx.config["seed"], epoch)
+        shard = rank_shard(perm, self.global_batch, self.rank, self.per_device_batch)
+        self._shard = torch.from_numpy(shard).to(self.device)
+        self._cursor = 0
+        self.model.train()
+
+    def train_steps(self, n: int) -> None:
+        b = self.per_device_batch
+        for _ in range(n):
+            if self._step < self.geometry.lr_warmup_steps:
+                self.optimizer.param_groups[0]["lr"] = self.geometry.lr_at(self._step)
+            self._step += 1
+            idx = self._shard[self._cursor:self._cursor + b]
+            self._cursor += b
+            loss = F.nll_loss(self.model(self.x.index_select(0, idx)), self.y.index_select(0, idx))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+
+    def sync(self) -> None:
+        tc.sync(self.device)
+
+    def evaluate(self) -> tuple[float, float]:
+        return sharded_evaluate(self.model.module, self.test_x, self.test_y, self.rank, self.world)
+
+    def device_memory_peak(self) -> int | None:
+        return tc.device_memory_peak(self.device)
+
+    def param_digests(self) -> list[str]:
+        return [param_digest(self.model.module)]
+
+    def environment(self) -> dict:
+        env = tc.environment(self.device)
+        env["process_group"] = self.process_group_backend
+        return env
+
+    def train(self, meter: Measurement) -> None:
+        try:
+            drive(self, meter, int(self.ctx.train["epochs"]), self.ctx.train.get("max_steps_per_epoch"))
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
