@@ -131,6 +131,7 @@ class Measurement:
         self.steps_done = 0
         self.timed_samples = 0
         self.timed_wall = 0.0
+        self.train_loss: list[tuple[int, float]] = []  # (step, loss) every log_every steps
         self.time_to_accuracy: float | None = None
         self.epoch_reaching_target: int | None = None
 
@@ -174,6 +175,14 @@ class Measurement:
         self._step_start = None
         if self._progress:
             self._progress.advance(steps)
+
+    def wants_loss(self, steps_before: int) -> bool:
+        """Whether the call that just ended crossed a multiple of ``log_every``."""
+        every = self.config.log_every
+        return every > 0 and self.steps_done // every > steps_before // every
+
+    def record_loss(self, loss: float) -> None:
+        self.train_loss.append((self.steps_done, float(loss)))
 
     def epoch_end(self, epoch: int) -> None:
         now = self._clock()
@@ -231,6 +240,7 @@ class Measurement:
             "target_accuracy": self.config.target_accuracy,
             "time_to_accuracy_s": self.time_to_accuracy,
             "epochs_to_accuracy": self.epoch_reaching_target,
+            "train_loss": self.train_loss,
             "test_accuracy_per_epoch": self.accuracy_per_epoch,
             "test_loss_per_epoch": self.loss_per_epoch,
             "final_test_accuracy": self.accuracy_per_epoch[-1] if self.accuracy_per_epoch else None,
@@ -251,9 +261,12 @@ def drive(trainer: SteppedTrainer, meter: Measurement, epochs: int, max_steps_pe
         done = 0
         while done < steps:
             k = min(trainer.steps_per_call, steps - done)
+            before = meter.steps_done
             meter.step_begin()
             trainer.train_steps(k)
             meter.step_end(k)
+            if meter.wants_loss(before):
+                meter.record_loss(trainer.loss())
             done += k
         meter.epoch_end(epoch)
         t0 = meter.now()

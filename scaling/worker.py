@@ -80,6 +80,7 @@ def run(cfg: dict[str, Any]) -> dict:
         ctx = RunContext(config=cfg, dataset=dataset, geometry=plan(cfg), rank=rank, world_size=world,
                          local_rank=local_rank, local_world_size=local_world)
         backend = load_backend(cfg["backend"]["_target_"])(ctx)
+        announce(phase="training")
         # a backend that starts its own processes (Lightning) knows the rank only now
         rank = getattr(backend, "rank", rank)
         run_id = run_id or default_run_id(cfg, ctx.geometry.devices)
@@ -137,14 +138,14 @@ def _report_to_launcher(rank: int, record: dict, summary: dict) -> None:
     records.write_json_atomic(Path(run_dir) / f"rank{rank}.exit.json", body)
 
 
-def announce(run_dir: str | None = None) -> None:
-    """Write ``rank<r>.pid`` so the launcher can watch this worker (and name it if it dies)."""
-    run_dir = run_dir or os.environ.get("SCALING_RUN_DIR")
+def announce(phase: str = "starting") -> None:
+    """Write ``rank<r>.pid.json`` so the launcher can watch this worker (and name it if it dies)."""
+    run_dir = os.environ.get("SCALING_RUN_DIR")
     if not run_dir:
         return
     rank = rank_info()[0]
     records.write_json_atomic(Path(run_dir) / f"rank{rank}.pid.json",
-                              {"rank": rank, "pid": os.getpid(), "host": socket.gethostname()})
+                              {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "phase": phase})
 
 
 def _log(msg: str) -> None:

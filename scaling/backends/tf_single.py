@@ -68,7 +68,7 @@ class TFSingleDevice:
 
         self._step, self._steps = step, steps
         self._cursor = 0
-        self._step = 0
+        self._steps_done = 0
         self._last_loss = None
 
     def begin_epoch(self, epoch: int) -> None:
@@ -76,15 +76,18 @@ class TFSingleDevice:
         self._cursor = 0
 
     def train_steps(self, n: int) -> None:
-        if self._step < self.geometry.lr_warmup_steps:
-            self.optimizer.learning_rate.assign(self.geometry.lr_at(self._step))
-        self._step += n
+        if self._steps_done < self.geometry.lr_warmup_steps:
+            self.optimizer.learning_rate.assign(self.geometry.lr_at(self._steps_done))
+        self._steps_done += n
         start = self.tf.constant(self._cursor, self.tf.int32)
         if n == 1:
             self._last_loss = self._step(start)
         else:
             self._last_loss = self._steps(start, self.tf.constant(n, self.tf.int32))
         self._cursor += n * self.global_batch
+
+    def loss(self) -> float:
+        return float(self._last_loss)
 
     def sync(self) -> None:
         if self._last_loss is not None:

@@ -113,6 +113,11 @@ class TFStrategyLoop:
             for value in self.strategy.experimental_local_results(self._last):
                 value.numpy()
 
+    def loss(self) -> float:
+        """The global batch's mean loss: per-replica losses are already divided by the global batch."""
+        tf = self.tf
+        return float(self.strategy.reduce(tf.distribute.ReduceOp.SUM, self._last, axis=None))
+
     def evaluate(self) -> tuple[float, float]:
         return self._evaluate(self.test_x, self.test_y)
 

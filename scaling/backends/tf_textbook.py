@@ -62,7 +62,10 @@ class TFTextbook:
 
             def on_train_batch_end(self, batch, logs=None):
                 backend._logs = logs
+                before = meter.steps_done
                 meter.step_end(1, samples=min(b, n - batch * b))
+                if meter.wants_loss(before) and logs and "loss" in logs:
+                    meter.record_loss(float(logs["loss"]))  # Keras reports the epoch's running mean
 
             def on_epoch_end(self, epoch, logs=None):
                 meter.epoch_end(epoch)

@@ -108,6 +108,13 @@ class TorchDDP:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+        self._last_loss = loss
+
+    def loss(self) -> float:
+        """The global batch's mean loss (an all-reduce, made only at logging steps)."""
+        value = self._last_loss.detach().clone()
+        dist.all_reduce(value)
+        return float(value.item()) / self.world
 
     def sync(self) -> None:
         tc.sync(self.device)

@@ -58,6 +58,10 @@ class TorchSingleDevice:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+        self._last_loss = loss
+
+    def loss(self) -> float:
+        return float(self._last_loss.item())
 
     def sync(self) -> None:
         tc.sync(self.device)

@@ -93,7 +93,10 @@ class TorchTextbook:
                 loss = F.nll_loss(output, target)
                 loss.backward()
                 self.optimizer.step()
+                before = meter.steps_done
                 meter.step_end(1, samples=len(target))
+                if meter.wants_loss(before):
+                    meter.record_loss(loss.item())
             meter.epoch_end(epoch)
             t0 = meter.now()
             loss, acc = self.evaluate()
