@@ -23,6 +23,8 @@ BACKENDS = {
     "lightning_ddp": ("pytorch_lightning", "torch"),
     "tf_mirrored": ("tensorflow", "tf"),
     "tf_multiworker": ("tensorflow", "tf"),
+    "horovod_torch": ("horovod.torch", "torch"),
+    "horovod_tf": ("horovod.tensorflow", "tf"),
 }
 STEPS = 30
 #: over the first STEPS steps, mean and max relative difference of the global-batch training loss
