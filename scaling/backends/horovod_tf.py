@@ -44,7 +44,9 @@ class HorovodTF:
             raise RuntimeError(f"horovod_tf: {self.world} processes for {g.devices} devices; one process per device expected")
         keras.utils.set_random_seed(cfg["seed"])
         self.steps_per_call = int(cfg["backend"].get("steps_per_call") or 1)
-        jit = bool(cfg["backend"].get("jit_compile", False))
+        if cfg["backend"].get("jit_compile"):
+            raise RuntimeError("horovod_tf: jit_compile is not supported (Horovod's ops do not compile with XLA); "
+                               "use backend.steps_per_call for the fast mode")
         self.global_batch, b = g.global_batch, g.per_device_batch
         self.per_device_batch = b
         ds = ctx.dataset
@@ -74,11 +76,12 @@ class HorovodTF:
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
             return loss
 
-        @tf.function(jit_compile=jit)
+        # Horovod's collectives are custom ops XLA cannot compile: jit_compile is refused (config check)
+        @tf.function
         def step(start):
             return one_step(start)
 
-        @tf.function(jit_compile=jit)
+        @tf.function
         def steps(start, count):
             loss = tf.constant(0.0)
             for i in tf.range(count):

@@ -20,6 +20,9 @@ class TFMultiWorker(TFStrategyLoop):
         import tensorflow as tf
 
         tf_common.configure(ctx.config.get("threads"), ctx.config["device"])
+        if ctx.config["backend"].get("jit_compile") and not tf.config.list_physical_devices("GPU"):
+            raise RuntimeError("tf_multiworker: jit_compile=true needs GPUs; XLA has no CPU kernel for the "
+                               "collective all-reduce. Use backend.steps_per_call here")
         options = tf.distribute.experimental.CommunicationOptions(
             implementation=tf.distribute.experimental.CommunicationImplementation.AUTO)
         resolver = None

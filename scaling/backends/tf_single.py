@@ -46,20 +46,25 @@ class TFSingleDevice:
         self._evaluate = tf_common.make_evaluator(self.model)
         model, optimizer, loss_fn, x, y, perm = self.model, self.optimizer, self.loss_fn, self.x, self.y, self.perm
 
-        def one_step(start):
-            idx = perm[start:start + b]
-            xb, yb = tf.gather(x, idx), tf.gather(y, idx)
+        # XLA compiles the math of a step; the batch gather stays outside it, or every call would
+        # hand the whole resident dataset to the compiled computation
+        @tf.function(jit_compile=jit)
+        def train_on_batch(xb, yb):
             with tf.GradientTape() as tape:
                 loss = loss_fn(yb, model(xb, training=True))
             grads = tape.gradient(loss, model.trainable_variables)
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
             return loss
 
-        @tf.function(jit_compile=jit)
+        def one_step(start):
+            idx = perm[start:start + b]
+            return train_on_batch(tf.gather(x, idx), tf.gather(y, idx))
+
+        @tf.function
         def step(start):
             return one_step(start)
 
-        @tf.function(jit_compile=jit)
+        @tf.function
         def steps(start, n):
             loss = tf.constant(0.0)
             for i in tf.range(n):

@@ -61,6 +61,9 @@ class TFStrategyLoop:
         model, optimizer = self.model, self.optimizer
         self._evaluate = tf_common.make_evaluator(model)
 
+        # with jit_compile, the function strategy.run calls is the XLA-compiled one (as in Keras'
+        # own trainer): a compiled function nested inside it could not hold the gradient all-reduce
+        @tf.function(jit_compile=jit)
         def replica_step(x, y, perm, start):
             rid = tf.distribute.get_replica_context().replica_id_in_sync_group
             lo = start + tf.cast(rid, tf.int32) * b
@@ -72,11 +75,11 @@ class TFStrategyLoop:
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
             return loss
 
-        @tf.function(jit_compile=jit)
+        @tf.function
         def step(x, y, perm, start):
             return strategy.run(replica_step, args=(x, y, perm, start))
 
-        @tf.function(jit_compile=jit)
+        @tf.function
         def steps(x, y, perm, start, count):
             out = strategy.run(replica_step, args=(x, y, perm, start))
             for i in tf.range(1, count):

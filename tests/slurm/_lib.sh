@@ -1,5 +1,5 @@
 # Shared by tests/slurm/start.sh and tests/slurm/stop.sh (sourced, not run).
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034  # variables used by the scripts that source this
 
 STATE=${SCALING_SLURM_DIR:-/tmp/scaling-slurm}
 CONF_DIR=/etc/slurm   # where sinfo/sbatch/submitit find the config without SLURM_CONF
@@ -35,12 +35,28 @@ take_lock() {
   fi
 }
 
+# alive PID: the process exists and is not a zombie (an unreaped zombie still answers kill -0;
+# daemonizing parents linger as zombies when PID 1 is slow to reap).
+alive() {
+  local st
+  kill -0 "$1" 2>/dev/null || return 1
+  st=$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$1/status" 2>/dev/null)
+  [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
+}
+
+# live_pids COMM: pids of live (non-zombie) processes whose command name is exactly COMM.
+live_pids() {
+  local pid
+  for pid in $(pgrep -x "$1" 2>/dev/null || true); do alive "$pid" && echo "$pid"; done
+  return 0
+}
+
 # pid_of PIDFILE COMM -> prints the pid when that file names a live process called COMM.
 pid_of() {
   local f=$1 comm=$2 pid
   [ -s "$f" ] || return 1
   pid=$(tr -dc '0-9' <"$f")
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  [ -n "$pid" ] && alive "$pid" || return 1
   [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$comm" ] || return 1
   printf '%s\n' "$pid"
 }
@@ -57,7 +73,7 @@ stop_pidfiles() {
   kill -TERM "${pids[@]}" 2>/dev/null || true
   for ((t = 0; t < STOP_GRACE * 5; t++)); do
     left=()
-    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && left+=("$pid"); done
+    for pid in "${pids[@]}"; do alive "$pid" && left+=("$pid"); done
     [ "${#left[@]}" -eq 0 ] && break
     sleep 0.2
   done
@@ -66,7 +82,7 @@ stop_pidfiles() {
     kill -KILL "${left[@]}" 2>/dev/null || true
     for ((t = 0; t < 25; t++)); do
       left=()
-      for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && left+=("$pid"); done
+      for pid in "${pids[@]}"; do alive "$pid" && left+=("$pid"); done
       [ "${#left[@]}" -eq 0 ] && break
       sleep 0.2
     done

@@ -24,7 +24,7 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=tests/slurm/_lib.sh
+# shellcheck source=_lib.sh source-path=SCRIPTDIR
 . "$HERE/_lib.sh"
 
 case "${1:-}" in
@@ -44,7 +44,7 @@ for v in NODES CPUS GPUS WAIT; do
 done
 [ "$NODES" -ge 1 ] && [ "$CPUS" -ge 1 ] || { printf '[slurm] ERROR: need >= 1 node and >= 1 CPU\n' >&2; exit 2; }
 
-T0=$SECONDS
+T0=${EPOCHREALTIME/[.,]/}  # microseconds
 CONFIGURED=0  # once set, failures also print the daemons' log tails
 fail() {
   printf '[slurm] ERROR: %s\n' "$*" >&2
@@ -66,10 +66,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
   log "installing ${PKGS[*]} (missing: ${missing[*]})"
   export DEBIAN_FRONTEND=noninteractive
   t=$SECONDS
-  apt_install() { apt-get install -y --no-install-recommends "${PKGS[@]}" >>"$LOG_DIR/apt.log" 2>&1; }
+  APT_OPTS=(-o DPkg::Lock::Timeout=300)  # wait for another apt/dpkg instead of failing
+  apt_install() { apt-get "${APT_OPTS[@]}" install -y --no-install-recommends "${PKGS[@]}" >>"$LOG_DIR/apt.log" 2>&1; }
   if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null || ! apt_install; then
     log "apt-get update"
-    apt-get update >>"$LOG_DIR/apt.log" 2>&1 || { tail -n 20 "$LOG_DIR/apt.log" >&2; fail "apt-get update failed"; }
+    apt-get "${APT_OPTS[@]}" update >>"$LOG_DIR/apt.log" 2>&1 || { tail -n 20 "$LOG_DIR/apt.log" >&2; fail "apt-get update failed"; }
     apt_install || { tail -n 20 "$LOG_DIR/apt.log" >&2; fail "apt-get install ${PKGS[*]} failed"; }
   fi
   log "installed in $((SECONDS - t))s ($(sinfo -V 2>/dev/null || dpkg-query -W -f='slurm ${Version}' slurmctld))"
@@ -84,9 +85,10 @@ fi
 
 # ---- 2. foreign daemons ------------------------------------------------------------------------
 ours=" $(pid_of "$RUN_DIR/slurmctld.pid" slurmctld || true) "
-for pid in $(pgrep -x slurmctld || true); do
+for pid in $(live_pids slurmctld); do
   [[ $ours == *" $pid "* ]] && continue
-  fail "a slurmctld this script did not start (pid $pid, state dir $STATE) is running; stop it first (systemctl stop slurmctld, or stop.sh with the SCALING_SLURM_DIR it was started with)"
+  other=$(sed -n "s|^$MARK ||p" "$CONF_DIR/slurm.conf" 2>/dev/null | head -n1)
+  fail "a slurmctld not started with this state dir ($STATE) is running (pid $pid${other:+, started by start.sh with SCALING_SLURM_DIR=$other}); stop it first (${other:+SCALING_SLURM_DIR=$other tests/slurm/stop.sh, or }systemctl stop slurmctld)"
 done
 
 # ---- 3. config ---------------------------------------------------------------------------------
@@ -214,8 +216,9 @@ else
     chmod go-rwx "$key"
   fi
   log "munged: starting"
-  runuser -u munge -- munged 2>>"$LOG_DIR/munged.stderr" \
-    || runuser -u munge -- munged --force 2>>"$LOG_DIR/munged.stderr" \
+  # 9>&-: munged keeps inherited descriptors, and would hold the start/stop lock forever.
+  runuser -u munge -- munged 2>>"$LOG_DIR/munged.stderr" 9>&- \
+    || runuser -u munge -- munged --force 2>>"$LOG_DIR/munged.stderr" 9>&- \
     || fail "munged did not start"
   for ((t = 0; t < 50; t++)); do munge_ok && break; sleep 0.2; done
   munge_ok || fail "munged started but munge -n | unmunge fails"
@@ -228,7 +231,7 @@ if pid=$(pid_of "$RUN_DIR/slurmctld.pid" slurmctld); then
   log "slurmctld: running (pid $pid)"
 else
   log "slurmctld: starting"
-  slurmctld 2>>"$LOG_DIR/slurmctld.stderr" || fail "slurmctld exited with $?"
+  slurmctld 2>>"$LOG_DIR/slurmctld.stderr" 9>&- || fail "slurmctld exited with $?"
 fi
 for ((t = 0; t < 150; t++)); do
   ctld_up && break
@@ -245,10 +248,11 @@ for ((i = 1; i <= NODES; i++)); do
     log "slurmd $node: running (pid $pid)"
   else
     log "slurmd $node: starting (port $((6820 + i)))"
-    slurmd -N "$node" 2>>"$LOG_DIR/slurmd-$node.stderr" || fail "slurmd -N $node exited with $?"
+    slurmd -N "$node" 2>>"$LOG_DIR/slurmd-$node.stderr" 9>&- || fail "slurmd -N $node exited with $?"
   fi
 done
 
+T_SLURMD=$SECONDS
 # ---- 7. wait until every node is usable --------------------------------------------------------
 declare -A resumed=()
 ready=0
@@ -259,7 +263,7 @@ while [ "$SECONDS" -lt "$deadline" ]; do
   while read -r node st; do
     [ -n "${node:-}" ] || continue
     case "$st" in
-      idle | mixed | allocated | completing) ok=$((ok + 1)) ;;
+      idle | mixed | allocated | completing | planned) ok=$((ok + 1)) ;;
       *'*') ;;  # not responding (yet): slurmd still registering
       drain* | down | fail* | inval | *drain)
         if [ -z "${resumed[$node]:-}" ]; then
@@ -270,14 +274,20 @@ while [ "$SECONDS" -lt "$deadline" ]; do
     esac
   done <<<"$states"
   if [ "$ok" -ge "$NODES" ]; then ready=1; break; fi
+  for ((i = 1; i <= NODES; i++)); do  # a slurmd that exited (port taken, bad config) never registers
+    pid_of "$RUN_DIR/slurmd-node$i.pid" slurmd >/dev/null || [ $((SECONDS - T_SLURMD)) -lt 3 ] \
+      || fail "slurmd -N node$i is not running (see $LOG_DIR/slurmd-node$i.log below)"
+  done
+  pid_of "$RUN_DIR/slurmctld.pid" slurmctld >/dev/null || fail "slurmctld is not running any more"
   sleep 0.5
 done
 if [ "$ready" -ne 1 ]; then
   printf '%s\n' "$states" >&2
   timeout 10 sinfo -R >&2 || true
-  fail "nodes not idle after ${WAIT}s"
+  fail "nodes not idle after ${WAIT}s (log tails below)"
 fi
 
-log "ready in $((SECONDS - T0))s: $NODES nodes, partition debug (default); config $CONF_DIR/slurm.conf, logs $LOG_DIR"
+T1=${EPOCHREALTIME/[.,]/}
+log "ready in $(((T1 - T0) / 1000000)).$(( (T1 - T0) / 100000 % 10 ))s: $NODES nodes, partition debug (default); config $CONF_DIR/slurm.conf, logs $LOG_DIR"
 log "sinfo:"
 timeout 10 sinfo

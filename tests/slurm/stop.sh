@@ -11,7 +11,7 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=tests/slurm/_lib.sh
+# shellcheck source=_lib.sh source-path=SCRIPTDIR
 . "$HERE/_lib.sh"
 
 PURGE=0
@@ -51,7 +51,8 @@ if [ "$PURGE" -eq 1 ]; then
     target=$CONF_DIR/$name
     if [ -e "$target" ] && grep -qF "$MARK $STATE" "$target"; then
       rm -f "$target"
-      backup=$(ls -1 "$target".scaling-backup.* 2>/dev/null | sort | tail -n1 || true)
+      backup=""
+      for b in "$target".scaling-backup.*; do [ -e "$b" ] && backup=$b; done  # newest: sorts last
       if [ -n "$backup" ]; then
         mv "$backup" "$target"
         log "restored $target from $backup"
