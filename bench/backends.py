@@ -1,0 +1,80 @@
+"""Every backend on this machine: its N=1 overhead against the plain single-device loop of its
+framework, and N=1 vs N=2 workers.
+
+Each (backend, devices, repeat) is a `scaling run` child process, one at a time, repeats
+interleaved so machine drift hits every backend alike; medians are printed as Markdown tables
+(the ones in BENCHMARKS.md). Run it on an otherwise idle machine:
+
+    python bench/backends.py                    # MLP, 1 epoch, 3 repeats, N=1 and N=2
+    python bench/backends.py --workload cnn --max-steps 150 --repeats 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+BASELINE = {"torch": "torch", "tf": "tf"}
+BACKENDS = {  # backend -> framework
+    "torch_ddp": "torch", "lightning_ddp": "torch", "horovod_torch": "torch",
+    "tf_mirrored": "tf", "tf_multiworker": "tf", "horovod_tf": "tf",
+}
+
+
+def run(backend: str, devices: int, rep: int, args: argparse.Namespace, results: Path) -> dict:
+    name = f"{backend}-n{devices}-r{rep}"
+    overrides = [f"backend={backend}", f"devices={devices}", f"workload={args.workload}",
+                 f"train.epochs={args.epochs}", f"results_dir={results}", "progress=false", f"run_name={name}"]
+    if args.max_steps:
+        overrides.append(f"train.max_steps_per_epoch={args.max_steps}")
+    proc = subprocess.run([sys.executable, "-m", "scaling", "run", *overrides], capture_output=True, text=True)
+    path = results / "runs" / f"{name}.json"
+    record = json.loads(path.read_text()) if path.exists() else None
+    if proc.returncode != 0 or not record or record["status"] != "ok":
+        raise SystemExit(f"{name} failed:\n{(record or {}).get('error') or proc.stderr[-2000:]}")
+    return record
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workload", default="mlp")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--backends", default=",".join(BACKENDS))
+    args = ap.parse_args()
+    backends = args.backends.split(",")
+    cells = [(b, 1) for b in BASELINE] + [(b, n) for b in backends for n in (1, 2)]
+    sps: dict[tuple[str, int], list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.repeats):
+            for backend, n in cells:
+                rec = run(backend, n, rep, args, Path(tmp))
+                value = rec["metrics"]["samples_per_s"]
+                sps.setdefault((backend, n), []).append(value)
+                print(f"repeat {rep + 1}: {backend:15s} N={n} {value:12,.0f} samples/s", file=sys.stderr, flush=True)
+    med = {k: statistics.median(v) for k, v in sps.items()}
+    spread = {k: (min(v), max(v)) for k, v in sps.items()}
+    cpu = rec["environment"]["cpu_model"]
+    print(f"\n{args.workload}, per-device batch 64, {args.epochs} epoch(s)"
+          f"{f', {args.max_steps} steps/epoch' if args.max_steps else ''}, median of {args.repeats} interleaved repeats; "
+          f"{cpu}, {rec['environment']['cpu_count']} CPUs, {platform.python_version()}\n")
+    print("| backend | N=1 samples/s | vs plain loop at N=1 | N=2 samples/s | speedup N=2/N=1 |")
+    print("|---|---|---|---|---|")
+    for fw, base in BASELINE.items():
+        lo, hi = spread[(base, 1)]
+        print(f"| {base} (plain single-device loop) | {med[(base, 1)]:,.0f} ({lo:,.0f}-{hi:,.0f}) | 1.00 | - | - |")
+    for b in backends:
+        one, two, base = med[(b, 1)], med[(b, 2)], med[(BASELINE[BACKENDS[b]], 1)]
+        lo1, hi1 = spread[(b, 1)]
+        lo2, hi2 = spread[(b, 2)]
+        print(f"| {b} | {one:,.0f} ({lo1:,.0f}-{hi1:,.0f}) | {one / base:.2f} | {two:,.0f} ({lo2:,.0f}-{hi2:,.0f}) | {two / one:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
