@@ -177,10 +177,10 @@ def launch(cfg: dict[str, Any]) -> dict:
             for argv, extra in worker_commands(cfg, config_path):
                 popen = subprocess.Popen(argv, env=env | extra, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                          text=True, start_new_session=True)
-                proc = _Proc(popen)
+                procs.append(_Proc(popen))
+            for proc in procs:  # threads only after every fork
                 proc.reader = threading.Thread(target=_pump, args=(proc, log), daemon=True)
                 proc.reader.start()
-                procs.append(proc)
             failure = _supervise(procs, run_dir)
         except BaseException:
             _stop(procs, run_dir)

@@ -13,6 +13,9 @@ USAGE = """usage: scaling VERB [ARGS]
 verbs:
   run [OVERRIDES...]         train one run under the shared protocol and write its record
                              e.g. scaling run backend=tf workload=mlp train.epochs=5
+  sweep experiment=NAME [OVERRIDES...] [--resume]
+                             run a study's cells (Hydra multirun), skipping finished ones
+                             e.g. scaling sweep experiment=local_cpu
   data fetch|verify|path NAME
                              obtain, check or locate a dataset (mnist, fashion_mnist)
 
@@ -30,9 +33,20 @@ def _hydra_run() -> int:
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def task(cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
         from scaling import worker
 
         plain = OmegaConf.to_container(cfg, resolve=True)
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            from scaling.sweep import run_cell
+
+            record = run_cell(plain, list(hc.overrides.task), int(hc.job.num))
+            if record is not None and record["status"] != "ok":
+                status["code"] = 1
+            return
         try:
             if plain["backend"].get("launcher", "inprocess") == "inprocess":
                 record = worker.run(plain)
@@ -56,7 +70,15 @@ def _hydra_run() -> int:
     return status["code"]
 
 
+def _terminate_as_interrupt(signum, frame) -> None:
+    # SIGTERM (scancel, kill) unwinds like Ctrl-C: launchers stop their workers and record why
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
@@ -64,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     verb, rest = argv[0], argv[1:]
     if verb == "run":
         sys.argv = ["scaling run", *rest]
+        return _hydra_run()
+    if verb == "sweep":
+        # a multirun; rerunning skips finished cells, so --resume is the default behaviour
+        rest = [a for a in rest if a != "--resume"]
+        sys.argv = ["scaling sweep", "--multirun", *rest]
         return _hydra_run()
     if verb == "data":
         from scaling.data import data_command

@@ -60,6 +60,9 @@ def validate(cfg: dict) -> None:
     _positive_int(cfg, "cluster.nodes")
     from scaling.geometry import GeometryError, plan
 
+    if cfg["backend"].get("max_nodes") is not None and cfg["cluster"]["nodes"] > cfg["backend"]["max_nodes"]:
+        raise ConfigError(f"backend={cfg['backend']['name']} runs on {cfg['backend']['max_nodes']} node(s), not "
+                          f"{cfg['cluster']['nodes']}. Fix: cluster.nodes=1, or tf_multiworker across nodes")
     most = cfg["backend"].get("max_devices")
     total = cfg["devices"] * cfg["cluster"]["nodes"]
     if most is not None and total > most:

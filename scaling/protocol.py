@@ -109,7 +109,7 @@ class Measurement:
         devices: int,
         sync: Callable[[], None] = lambda: None,
         device_memory_peak: Callable[[], int | None] = lambda: None,
-        progress: "Progress | None" = None,
+        observers: "list[Observer] | tuple[Observer, ...]" = (),
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if global_batch <= 0 or devices <= 0:
@@ -119,7 +119,8 @@ class Measurement:
         self.devices = devices
         self._sync = sync
         self._device_memory_peak = device_memory_peak
-        self._progress = progress
+        self._observers = list(observers)
+        self._window: list[float] = []  # timed step times since the last log point
         self._clock = clock
         self._wall_at_clock0 = time.time() - clock()
 
@@ -137,6 +138,7 @@ class Measurement:
 
         self._train_start: float | None = None
         self._epoch_start: float | None = None
+        self._epoch = 0
         self._region_start: float | None = None
         self._last_step_end: float | None = None
         self._step_start: float | None = None
@@ -149,8 +151,9 @@ class Measurement:
         self._epoch_start = now
         self._region_start = now if self.steps_done >= self.config.warmup_steps else None
         self._last_step_end = None
-        if self._progress:
-            self._progress.epoch_begin(epoch)
+        self._epoch = epoch
+        for o in self._observers:
+            o.epoch_begin(epoch)
 
     def step_begin(self) -> None:
         self._step_start = self._clock()
@@ -167,14 +170,23 @@ class Measurement:
         if warm:
             per_step = (now - self._step_start) / steps
             self.step_times.extend([per_step] * steps)
+            self._window.extend([per_step] * steps)
             self.timed_samples += samples
             self._last_step_end = now
         elif self.steps_done >= self.config.warmup_steps:
             # the warm-up ends with this call: the timed region starts here
             self._region_start = now
         self._step_start = None
-        if self._progress:
-            self._progress.advance(steps)
+        for o in self._observers:
+            o.advance(steps)
+        every = self.config.log_every
+        if self._observers and every > 0 and self.steps_done // every > (self.steps_done - steps) // every and self._window:
+            mean = sum(self._window) / len(self._window)
+            values = {"epoch": self._epoch, "step_time_s": mean, "samples_per_s": self.global_batch / mean,
+                      "samples_per_s_per_device": self.global_batch / mean / self.devices}
+            self._window = []
+            for o in self._observers:
+                o.logged(self.steps_done, values)
 
     def wants_loss(self, steps_before: int) -> bool:
         """Whether the call that just ended crossed a multiple of ``log_every``."""
@@ -183,6 +195,8 @@ class Measurement:
 
     def record_loss(self, loss: float) -> None:
         self.train_loss.append((self.steps_done, float(loss)))
+        for o in self._observers:
+            o.logged(self.steps_done, {"train_loss": float(loss)})
 
     def epoch_end(self, epoch: int) -> None:
         now = self._clock()
@@ -202,8 +216,8 @@ class Measurement:
             assert self._train_start is not None
             self.time_to_accuracy = now - self._train_start
             self.epoch_reaching_target = epoch + 1
-        if self._progress:
-            self._progress.evaluated(epoch, loss, accuracy)
+        for o in self._observers:
+            o.evaluated(epoch, loss, accuracy)
 
     def now(self) -> float:
         """The protocol's clock, for backends that time their own evaluation."""
@@ -274,7 +288,29 @@ def drive(trainer: SteppedTrainer, meter: Measurement, epochs: int, max_steps_pe
         meter.evaluated(epoch, loss, acc, meter.now() - t0)
 
 
-class Progress:
+class Observer:
+    """Something rank 0 tells about the run as it goes (a progress bar, an experiment tracker).
+
+    Every method is optional to override; none may raise into training (trackers catch their own).
+    """
+
+    def epoch_begin(self, epoch: int) -> None:
+        pass
+
+    def advance(self, steps: int) -> None:
+        pass
+
+    def logged(self, step: int, values: dict[str, float]) -> None:
+        """Every ``log_every`` steps: step time and throughput over the window, or the train loss."""
+
+    def evaluated(self, epoch: int, loss: float, accuracy: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Progress(Observer):
     """Rank 0's progress display: a rich progress bar over all steps, one line per evaluation."""
 
     def __init__(self, total_steps: int, description: str, every: int = 50) -> None:

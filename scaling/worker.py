@@ -3,6 +3,7 @@ the protocol, and (rank 0) write the record and print the summary."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 import traceback
@@ -90,7 +91,8 @@ def run(cfg: dict[str, Any]) -> dict:
             steps = min(steps, limit) if limit else steps
             progress = Progress(steps * int(cfg["train"]["epochs"]), run_id, every=pcfg.log_every)
         meter = Measurement(pcfg, global_batch=ctx.geometry.global_batch, devices=ctx.geometry.devices,
-                            sync=backend.sync, device_memory_peak=backend.device_memory_peak, progress=progress)
+                            sync=backend.sync, device_memory_peak=backend.device_memory_peak,
+                            observers=[progress] if progress else [])
         backend.train(meter)
         metrics = meter.result(process_start)
         metrics["steps_per_epoch"] = backend.steps_per_epoch
@@ -146,6 +148,18 @@ def announce(phase: str = "starting") -> None:
     rank = rank_info()[0]
     records.write_json_atomic(Path(run_dir) / f"rank{rank}.pid.json",
                               {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "phase": phase})
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when its parent (launcher, torchrun, horovodrun) dies, so a
+    killed sweep driver leaves no orphan training behind."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the launcher's own cleanup still applies
+        pass
 
 
 def _log(msg: str) -> None:
@@ -210,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     with open(args.config) as fh:
         cfg = json.load(fh)
+    die_with_parent()
     announce()
     record = run(cfg)
     return 0 if record["status"] == "ok" else 1

@@ -111,3 +111,41 @@ def test_summarize():
     assert s["p95"] == pytest.approx(3.85)
     assert s["cv"] == pytest.approx((1.25 ** 0.5) / 2.5)
     assert summarize([])["mean"] is None
+
+
+class Recorder:
+    def __init__(self):
+        self.events = []
+
+    def epoch_begin(self, epoch):
+        self.events.append(("epoch", epoch))
+
+    def advance(self, steps):
+        pass
+
+    def logged(self, step, values):
+        self.events.append(("log", step, values))
+
+    def evaluated(self, epoch, loss, accuracy):
+        self.events.append(("eval", epoch, accuracy))
+
+    def close(self):
+        pass
+
+
+def test_observers_get_windowed_figures_losses_and_evaluations():
+    clock = FakeClock()
+    trainer = FakeTrainer(clock, steps_per_epoch=10, step=0.02)
+    trainer.loss = lambda: 0.5
+    rec = Recorder()
+    meter = Measurement(ProtocolConfig(warmup_steps=2, log_every=4), global_batch=8, devices=2, clock=clock,
+                        observers=[rec])
+    drive(trainer, meter, epochs=1)
+    logs = [e for e in rec.events if e[0] == "log"]
+    timing = [e for e in logs if "step_time_s" in e[2]]
+    assert [e[1] for e in timing] == [4, 8]  # every log_every steps, warm-up steps not in the window
+    assert timing[0][2]["step_time_s"] == pytest.approx(0.02)
+    assert timing[0][2]["samples_per_s"] == pytest.approx(400) and timing[0][2]["samples_per_s_per_device"] == pytest.approx(200)
+    assert [e[1] for e in logs if "train_loss" in e[2]] == [4, 8]
+    assert meter.result()["train_loss"] == [(4, 0.5), (8, 0.5)]
+    assert rec.events[0] == ("epoch", 0) and rec.events[-1] == ("eval", 0, 0.5)

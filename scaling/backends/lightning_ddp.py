@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from scaling.backends import RunContext
 from scaling.backends import torch_common as tc
-from scaling.backends.torch_ddp import param_digest, sharded_evaluate
+from scaling.backends.torch_ddp import param_digest, process_group_backend, sharded_evaluate
 from scaling.data import epoch_permutation, rank_shard
 from scaling.protocol import Measurement
 from scaling.workloads import torch_models
@@ -24,6 +24,7 @@ for _name in ("lightning.pytorch", "pytorch_lightning", "lightning.fabric", "lig
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 import pytorch_lightning as pl  # noqa: E402
+from pytorch_lightning.strategies import DDPStrategy  # noqa: E402
 
 
 class DeviceBatches(torch.utils.data.Dataset):
@@ -153,7 +154,7 @@ class LightningDDP:
             accelerator="gpu" if self.device.type == "cuda" else "cpu",
             devices=self.world // nodes,
             num_nodes=nodes,
-            strategy="ddp",
+            strategy=DDPStrategy(process_group_backend=process_group_backend(self.device, cfg["backend"].get("process_group"))),
             max_epochs=int(cfg["train"]["epochs"]),
             logger=False,
             enable_checkpointing=False,

@@ -23,14 +23,22 @@ from scaling.protocol import Measurement, drive
 from scaling.workloads import torch_models
 
 
-def init_process_group(device: torch.device, rank: int, world: int) -> str:
+def process_group_backend(device: torch.device, requested: str | None) -> str:
+    """nccl on GPUs, gloo on CPU; ``gloo`` can be forced on GPUs (several ranks sharing one GPU,
+    which NCCL refuses as "Duplicate GPU detected")."""
+    if requested and requested != "auto":
+        return requested
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_process_group(device: torch.device, rank: int, world: int, requested: str | None = None) -> str:
     """Join the job's process group (env:// from torchrun, or from srun's variables)."""
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = process_group_backend(device, requested)
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=5),
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=device if backend == "nccl" else None)
     return dist.get_backend()
 
 
@@ -72,7 +80,8 @@ class TorchDDP:
         self.rank, self.world = ctx.rank, ctx.world_size
         if self.world != g.devices:
             raise RuntimeError(f"torch_ddp: {self.world} processes for {g.devices} devices; one process per device expected")
-        self.process_group_backend = init_process_group(self.device, self.rank, self.world)
+        self.process_group_backend = init_process_group(self.device, self.rank, self.world,
+                                                        cfg["backend"].get("process_group"))
         torch.manual_seed(cfg["seed"])  # the same initial weights everywhere (DDP also broadcasts rank 0's)
         ds = ctx.dataset
         self.x, self.y = tc.to_device_tensors(ds.train_x, ds.train_y, self.device)
@@ -83,6 +92,8 @@ class TorchDDP:
         if (cfg["backend"].get("fast") or "none") == "compile":
             model = torch.compile(model)
         self.model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=g.lr_at(0))
         torch.manual_seed(cfg["seed"] * 1000 + self.rank)  # dropout masks differ per rank
         self._shard: torch.Tensor | None = None

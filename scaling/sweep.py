@@ -1,0 +1,116 @@
+"""A sweep: a Hydra multirun over the study's axes, one *cell* (one run) per job.
+
+``scaling sweep experiment=local_cpu`` composes ``conf/experiment/local_cpu.yaml``, whose
+``hydra.sweeper.params`` list the axes with ``repeat`` first, so all cells of repeat 0 run, then
+all of repeat 1, ...: machine drift cannot favour one backend. Every cell has a stable id and its
+record lives at ``<results_dir>/<sweep_id>/<cell_id>.json``; a cell with an ``ok`` record is
+skipped, so rerunning a sweep (or ``--resume``) runs only failed or missing cells. Cells are
+started through the launch layer in fresh processes, so a crash in one cannot take the sweep
+down, and an interrupted cell leaves a ``failed`` record, never half of one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from scaling import records
+
+#: overrides that name the cell in its id, in this order
+NAMED = ("backend", "workload", "data", "scaling", "devices", "cluster.nodes", "repeat")
+#: overrides that say where or how a sweep runs, not what a cell measures
+BOOKKEEPING = {"experiment", "sweep_id", "results_dir", "progress", "cluster", "logger", "hydra.mode"}
+
+
+def cell_id(cfg: dict, task_overrides: list[str]) -> str:
+    """A readable, stable id: the named axes, plus a short hash of any other override."""
+    base = (f"{cfg['backend']['name']}-{cfg['workload']['name']}-{cfg['data']['name']}-{cfg.get('scaling', 'weak')}"
+            f"-n{cfg['devices']}x{cfg['cluster']['nodes']}-r{cfg.get('repeat', 0)}")
+    extra = sorted(o.lstrip("+~") for o in task_overrides
+                   if o.lstrip("+~").split("=", 1)[0] not in NAMED + tuple(BOOKKEEPING)
+                   and not o.startswith("hydra."))
+    if extra:
+        base += "-" + hashlib.sha1("\n".join(extra).encode()).hexdigest()[:8]
+    return re.sub(r"[^A-Za-z0-9_.=-]", "_", base)
+
+
+def finished(results_dir: str | Path, group: str, run_id: str) -> dict | None:
+    """The cell's record if it finished ok (a damaged or failed record does not count)."""
+    path = records.record_path(results_dir, group, run_id)
+    try:
+        record = json.loads(path.read_text())
+        records.validate(record)
+    except (OSError, ValueError, records.RecordError):
+        return None
+    return record if record["status"] == "ok" else None
+
+
+def run_cell(cfg: dict[str, Any], task_overrides: list[str], job_num: int) -> dict | None:
+    """Run one cell unless it already has an ok record. Returns its record (None if not runnable)."""
+    from launch.local import launch
+    from scaling.config import ConfigError, validate
+
+    sweep_id = cfg.get("sweep_id") or "adhoc"
+    run_id = cell_id(cfg, task_overrides)
+    cfg = {**cfg, "group": sweep_id, "run_name": run_id, "progress": False}
+    tag = f"[sweep {sweep_id}] cell {job_num + 1} {run_id}"
+    try:
+        validate(cfg)
+    except ConfigError as exc:
+        print(f"{tag}: not a valid cell, skipped ({exc})", file=sys.stderr, flush=True)
+        return None
+    done = finished(cfg["results_dir"], sweep_id, run_id)
+    if done:
+        print(f"{tag}: done already ({done['metrics']['samples_per_s']:,.0f} samples/s), skipped", file=sys.stderr, flush=True)
+        return done
+    if cfg["backend"].get("launcher", "inprocess") == "inprocess":
+        cfg["backend"] = {**cfg["backend"], "launcher": "process"}  # each cell in a fresh process
+    print(f"{tag}: running", file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    record = launch(cfg)
+    took = time.monotonic() - t0
+    if record["status"] == "ok":
+        m = record["metrics"]
+        print(f"{tag}: ok, {m['samples_per_s']:,.0f} samples/s, accuracy {m['final_test_accuracy']:.4f} ({took:.1f} s)",
+              file=sys.stderr, flush=True)
+    else:
+        print(f"{tag}: FAILED ({took:.1f} s): {record['error'].splitlines()[0]}", file=sys.stderr, flush=True)
+    return record
+
+
+def summary_table(results_dir: str | Path, sweep_id: str) -> None:
+    """Print every cell of a sweep: status and throughput, grouped as the study's axes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = []
+    for _, rec in records.read_records(Path(results_dir)) if Path(results_dir).exists() else []:
+        if rec.get("group") != sweep_id:
+            continue
+        c, m = rec["config"], rec["metrics"] or {}
+        rows.append((c["backend"]["name"], c["workload"]["name"], c["devices"] * c["cluster"]["nodes"],
+                     c.get("repeat", 0), rec["status"], m.get("samples_per_s"), m.get("final_test_accuracy")))
+    table = Table(title=f"sweep {sweep_id}: {len(rows)} cells in {Path(results_dir) / sweep_id}")
+    for col in ("backend", "workload", "devices", "repeat", "status", "samples/s", "accuracy"):
+        table.add_column(col, justify="right" if col in ("devices", "repeat", "samples/s", "accuracy") else "left")
+    for r in sorted(rows, key=lambda r: (r[0], r[1], r[2], r[3])):
+        table.add_row(r[0], r[1], str(r[2]), str(r[3]), r[4] if r[4] == "ok" else f"[red]{r[4]}[/]",
+                      "-" if r[5] is None else f"{r[5]:,.0f}", "-" if r[6] is None else f"{r[6]:.4f}")
+    Console(stderr=True).print(table)
+
+
+try:
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover - hydra is a core dependency
+    Callback = object
+
+
+class SweepSummary(Callback):
+    """Hydra callback: after a multirun, print the sweep's table."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        summary_table(config.results_dir, config.get("sweep_id") or "adhoc")
