@@ -16,6 +16,8 @@ verbs:
   sweep experiment=NAME [OVERRIDES...] [--resume]
                              run a study's cells (Hydra multirun), skipping finished ones
                              e.g. scaling sweep experiment=local_cpu
+  slurm render [OVERRIDES...] --out DIR
+                             write one sbatch script per cell (cluster=slurm settings)
   data fetch|verify|path NAME
                              obtain, check or locate a dataset (mnist, fashion_mnist)
 
@@ -92,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         rest = [a for a in rest if a != "--resume"]
         sys.argv = ["scaling sweep", "--multirun", *rest]
         return _hydra_run()
+    if verb == "slurm":
+        from scaling.slurm import slurm_command
+
+        return slurm_command(rest)
     if verb == "data":
         from scaling.data import data_command
 

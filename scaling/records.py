@@ -42,6 +42,7 @@ RECORD_SCHEMA: dict[str, Any] = {
             "required": ["python", "host", "cpu_model", "cpu_count", "frameworks", "gpu", "slurm"],
         },
         "error": {"type": ["string", "null"]},
+        "interruption": {"type": "object", "properties": {"signal": {"type": "string"}, "action": {"type": "string"}}},
         "metrics": {
             "oneOf": [
                 {"type": "null"},

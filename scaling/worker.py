@@ -68,6 +68,9 @@ def run(cfg: dict[str, Any]) -> dict:
     progress = None
     rank_summary: dict[str, Any] = {}
     run_id = cfg.get("run_name") or None
+    interruption: dict[str, Any] = {}
+    if "SLURM_JOB_ID" in os.environ:
+        _handle_slurm_signals(cfg, rank, run_id, interruption)
     try:
         from scaling import data
         from scaling.backends import RunContext, load_backend
@@ -100,6 +103,8 @@ def run(cfg: dict[str, Any]) -> dict:
         metrics["lr"] = ctx.geometry.lr
         digest = getattr(backend, "param_digests", None)
         rank_summary["param_digests"] = digest() if digest else None
+    except Interrupted as exc:
+        error = f"rank {rank}: {exc}"
     except KeyboardInterrupt:
         error = "interrupted (KeyboardInterrupt)"
         raise
@@ -122,11 +127,45 @@ def run(cfg: dict[str, Any]) -> dict:
             error=error,
         )
         record["environment"].update(rank=rank, world_size=world, pinned_cpus=pinned)
+        if interruption:
+            record["interruption"] = dict(interruption)
         _report_to_launcher(rank, record, rank_summary)
         if rank == 0:
             path = records.write_record(record, cfg["results_dir"])
             record["path"] = str(path)
     return record
+
+
+class Interrupted(BaseException):
+    """Slurm asked this task to stop (USR2 before the time limit, TERM on scancel or pre-emption)."""
+
+
+def _handle_slurm_signals(cfg: dict, rank: int, run_id: str | None, interruption: dict) -> None:
+    """On USR2/TERM: note why, write a failed record at once (rank 0; a rank blocked in a collective
+    may never get back to Python before SIGKILL), requeue the job if asked, then unwind."""
+
+    def handler(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        requeue = bool(cfg.get("cluster", {}).get("requeue")) and signum == signal.SIGUSR2
+        action = "left for --resume"
+        if requeue and rank == 0:
+            import subprocess
+
+            ok = subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], capture_output=True).returncode == 0
+            action = "requeued" if ok else "requeue failed; left for --resume"
+        interruption.update(signal=name, action=action, job_id=os.environ.get("SLURM_JOB_ID"))
+        reason = ("pre-empted: Slurm's time-limit warning (USR2)" if signum == signal.SIGUSR2
+                  else "cancelled or pre-empted by Slurm (TERM)")
+        if rank == 0 and run_id:
+            record = records.make_record(run_id=run_id, group=cfg.get("group") or "runs", config=cfg,
+                                         environment=records.capture_environment(), metrics=None,
+                                         error=f"rank {rank}: {reason}; {action}")
+            record["interruption"] = dict(interruption)
+            records.write_record(record, cfg["results_dir"])
+        raise Interrupted(f"{reason}; {action}")
+
+    signal.signal(signal.SIGUSR2, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _report_to_launcher(rank: int, record: dict, summary: dict) -> None:

@@ -27,10 +27,45 @@ class TFMultiWorker(TFStrategyLoop):
             implementation=tf.distribute.experimental.CommunicationImplementation.AUTO)
         resolver = None
         if "TF_CONFIG" not in os.environ and "SLURM_JOB_ID" in os.environ:
-            gpus = len(tf.config.list_physical_devices("GPU"))
-            resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
-                port_base=int(os.environ.get("SCALING_TF_PORT", "8888")),
-                gpus_per_node=gpus, gpus_per_task=gpus, auto_set_gpu=False)
+            resolver = slurm_resolver(tf)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver, communication_options=options)
         self.devices = max(1, len(tf.config.list_logical_devices("GPU")))
         return strategy
+
+
+def slurm_resolver(tf):
+    """``SlurmClusterResolver`` for one task per node holding the node's GPUs.
+
+    GPU counts are passed explicitly: its defaults call nvidia-smi (missing on CPU nodes) and a
+    count of 0 breaks its port/GPU pairing, so CPU nodes count as one "GPU" slot with
+    ``auto_set_gpu=False``. Where several tasks resolve to one address and port (emulated nodes
+    sharing a host, as in tests/slurm), each task gets its node's NodeAddr and its own port.
+    """
+    import subprocess
+
+    gpus = max(1, len(tf.config.list_physical_devices("GPU")))
+    port_base = int(os.environ.get("SCALING_TF_PORT", str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000)))
+    resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
+        port_base=port_base, gpus_per_node=gpus, gpus_per_task=gpus, auto_set_gpu=False)
+    spec = resolver.cluster_spec().as_dict()
+    workers = spec["worker"]
+    if len(set(workers)) == len(workers) and all(_resolvable(w.rsplit(":", 1)[0]) for w in workers):
+        return resolver
+    addressed = []
+    for i, hostport in enumerate(workers):
+        host = hostport.rsplit(":", 1)[0]
+        out = subprocess.run(["scontrol", "show", "node", host, "-o"], capture_output=True, text=True, timeout=30).stdout
+        addr = next((f.split("=", 1)[1] for f in out.split() if f.startswith("NodeAddr=")), host)
+        addressed.append(f"{addr}:{port_base + i}")
+    return tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec({"worker": addressed}), task_type="worker", task_id=resolver.task_id, rpc_layer="grpc")
+
+
+def _resolvable(host: str) -> bool:
+    import socket
+
+    try:
+        socket.getaddrinfo(host, None)
+        return True
+    except OSError:
+        return False

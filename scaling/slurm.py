@@ -1,0 +1,139 @@
+"""Plain sbatch scripts for the study's cells: ``scaling slurm render``.
+
+For users who submit by hand: the same config as a run or sweep, one readable script per cell
+(``slurm/cell.sbatch``) beside the cell's resolved config. Geometry per backend: torch DDP,
+Lightning and Horovod run one task per device (``--ntasks-per-node`` = devices per node, srun
+starts the ranks); TF Mirrored and MultiWorker one task per node holding the node's devices.
+Every value from the config that reaches a script is shell-quoted, and a value that could break
+out of an ``#SBATCH`` line (a newline) is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+import shlex
+import string
+import sys
+from pathlib import Path
+from typing import Any
+
+from scaling.config import CONF_DIR
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "cell.sbatch"
+ROOT = TEMPLATE.parent.parent
+PER_NODE = ("process", "inprocess", "tf_config")  # launchers whose backend runs one task per node
+
+
+class RenderError(ValueError):
+    pass
+
+
+def tasks_per_node(cfg: dict) -> int:
+    return 1 if cfg["backend"].get("launcher") in PER_NODE else int(cfg["devices"])
+
+
+def _directive(value: Any, what: str) -> str:
+    text = str(value)
+    if "\n" in text or "\r" in text:
+        raise RenderError(f"{what}={text!r}: a newline would end the #SBATCH line and start a command")
+    return shlex.quote(text)
+
+
+def render_cell(cfg: dict, run_id: str, out_dir: Path) -> Path:
+    """Write ``<out_dir>/<run_id>.sbatch`` and ``<run_id>.json`` (the resolved config)."""
+    slurm = cfg["cluster"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_path = (out_dir / f"{run_id}.json").resolve()
+    cfg = {**cfg, "run_name": run_id, "progress": False}
+    config_path.write_text(json.dumps(cfg, indent=1))
+    gpus = int(cfg["devices"]) if slurm.get("gpus", True) else 0
+    optional = []
+    for key, flag in (("partition", "--partition"), ("account", "--account"), ("qos", "--qos"),
+                      ("constraint", "--constraint")):
+        if slurm.get(key):
+            optional.append(f"#SBATCH {flag}={_directive(slurm[key], f'cluster.{key}')}")
+    if gpus:
+        optional.append(f"#SBATCH --gpus-per-node={gpus}")
+    for i, line in enumerate(slurm.get("extra_sbatch") or []):
+        optional.append(f"#SBATCH {_directive(line, f'cluster.extra_sbatch[{i}]')}")
+    values = {
+        "cell_id": re.sub(r"[^A-Za-z0-9_.=-]", "_", run_id),
+        "job_name": _directive(f"scaling-{run_id}"[:120], "job name"),
+        "nodes": _directive(int(slurm.get("nodes", 1)), "cluster.nodes"),
+        "tasks_per_node": tasks_per_node(cfg),
+        "cpus_per_task": _directive(int(slurm.get("cpus_per_task") or 1), "cluster.cpus_per_task"),
+        "time_limit": _directive(slurm.get("time") or "01:00:00", "cluster.time"),
+        "signal_seconds": _directive(int(slurm.get("signal_seconds") or 120), "cluster.signal_seconds"),
+        "log_path": _directive(str((out_dir / f"{run_id}.%j.log").resolve()), "log path"),
+        "optional_sbatch": "\n".join(optional),
+        "workdir": shlex.quote(str(ROOT)),
+        "python": shlex.quote(sys.executable),
+        "config_path": shlex.quote(str(config_path)),
+    }
+    script = string.Template(TEMPLATE.read_text()).substitute(values)
+    path = out_dir / f"{run_id}.sbatch"
+    path.write_text(script)
+    path.chmod(0o755)
+    return path
+
+
+def expand(overrides: list[str]) -> list[tuple[dict, list[str]]]:
+    """Compose the config for every cell the overrides (and an experiment's sweep params) name."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        base = compose("config", overrides=[o for o in overrides if "," not in o.split("=", 1)[-1]],
+                       return_hydra_config=True)
+        sweep_params = base.hydra.sweeper.get("params")
+        params = OmegaConf.to_container(sweep_params, resolve=False) if sweep_params else {}
+        swept = [f"{k}={v}" for k, v in params.items()] + overrides
+        parsed = OverridesParser.create().parse_overrides(swept)
+        axes: dict[str, list[str]] = {}
+        for o in parsed:
+            key = o.get_key_element()
+            axes[key] = ([f"{key}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+                         else [f"{key}={o.get_value_element_as_str()}"])
+        cells = []
+        for combo in itertools.product(*axes.values()):
+            cfg = compose("config", overrides=list(combo))
+            cells.append((OmegaConf.to_container(cfg, resolve=True), list(combo)))
+    return cells
+
+
+def render_command(argv: list[str]) -> int:
+    """``scaling slurm render [OVERRIDES...] --out DIR``: one sbatch script per valid cell."""
+    from scaling.config import ConfigError, validate
+    from scaling.sweep import cell_id
+
+    ap = argparse.ArgumentParser(prog="scaling slurm render", description=render_command.__doc__)
+    ap.add_argument("--out", default="slurm-jobs", help="folder for the scripts and configs")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    written = 0
+    for cfg, combo in expand(args.overrides):
+        try:
+            validate(cfg)
+        except ConfigError as exc:
+            print(f"skipped {combo}: {exc}", file=sys.stderr)
+            continue
+        cfg["group"] = cfg.get("sweep_id") or "adhoc"
+        try:
+            path = render_cell(cfg, cell_id(cfg, combo), Path(args.out))
+        except RenderError as exc:
+            print(f"scaling slurm render: {exc}", file=sys.stderr)
+            return 2
+        print(path)
+        written += 1
+    print(f"{written} script(s) in {args.out}; submit each with sbatch", file=sys.stderr)
+    return 0 if written else 2
+
+
+def slurm_command(argv: list[str]) -> int:
+    if not argv or argv[0] != "render":
+        print("usage: scaling slurm render [OVERRIDES...] --out DIR", file=sys.stderr)
+        return 2
+    return render_command(argv[1:])

@@ -1,0 +1,119 @@
+"""The study's cells on a real Slurm (tests/slurm/start.sh): rendered sbatch scripts, 2-node cells
+across the emulated nodes, shell-safe rendering, and a cancelled cell's record."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from tests.slurm.cluster import ClusterUnavailable, ensure_cluster, job_states, wait_for_states  # noqa: E402
+
+from scaling import records  # noqa: E402
+
+pytestmark = [pytest.mark.slurm, pytest.mark.multiprocess]
+QUICK = ["data=synthetic", "train.epochs=1", "train.max_steps_per_epoch=30", "protocol.warmup_steps=5"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    try:
+        return ensure_cluster()
+    except ClusterUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def render(tmp_path, *overrides):
+    out = tmp_path / "jobs"
+    proc = subprocess.run([sys.executable, "-m", "scaling", "slurm", "render", "cluster=slurm",
+                           f"results_dir={tmp_path / 'results'}", *overrides, "--out", str(out)],
+                          cwd=_ROOT, capture_output=True, text=True, timeout=120)
+    return proc, sorted(out.glob("*.sbatch")) if out.exists() else []
+
+
+def submit(script: Path, wait: bool = True) -> tuple[int, str]:
+    args = ["sbatch", "--parsable"] + (["--wait"] if wait else []) + [str(script)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    return proc.returncode, proc.stdout.strip().split(";")[0]
+
+
+def test_two_node_cells_through_rendered_sbatch_scripts(cluster, tmp_path):
+    proc, scripts = render(tmp_path, "sweep_id=sl", "backend=torch_ddp,tf_multiworker", "cluster.nodes=2", *QUICK)
+    assert proc.returncode == 0, proc.stderr
+    assert len(scripts) == 2
+    for script in scripts:
+        text = script.read_text()
+        assert "#SBATCH --nodes=2" in text and "#SBATCH --ntasks-per-node=1" in text
+        assert "#SBATCH --gpus-per-node=1" in text and "#SBATCH --signal=USR2@120" in text
+        assert "torchrun" not in text
+        rc, job = submit(script)
+        assert rc == 0, (script.read_text(), list(tmp_path.glob("jobs/*.log")))
+    found = {rec["config"]["backend"]["name"]: rec for _, rec in records.read_records(tmp_path / "results")}
+    assert set(found) == {"torch_ddp", "tf_multiworker"}
+    for rec in found.values():
+        records.validate(rec)
+        assert rec["status"] == "ok", rec["error"]
+        assert rec["environment"]["world_size"] == 2
+        slurm = rec["environment"]["slurm"]
+        assert slurm["nnodes"] == "2" and slurm["job_nodelist"] and slurm["job_gpus"] is not None
+        assert rec["metrics"]["devices"] == 2
+
+
+def test_per_device_backends_run_one_task_per_device(tmp_path):
+    proc, scripts = render(tmp_path, "backend=horovod_torch", "devices=4", "cluster.nodes=2",
+                           "cluster.partition=gpu", *QUICK)
+    assert proc.returncode == 0, proc.stderr
+    text = scripts[0].read_text()
+    assert "#SBATCH --ntasks-per-node=4" in text and "#SBATCH --gpus-per-node=4" in text
+    assert "#SBATCH --partition=gpu" in text
+    _, mirrored = render(tmp_path / "m", "backend=tf_mirrored", "devices=4", *QUICK)
+    assert "#SBATCH --ntasks-per-node=1" in mirrored[0].read_text()
+
+
+def test_hostile_values_are_quoted_or_refused(tmp_path):
+    proc, scripts = render(tmp_path, "backend=torch_ddp", "cluster.partition='gpu; touch /tmp/pwned'",
+                           "cluster.account='$(reboot)'", *QUICK)
+    assert proc.returncode == 0, proc.stderr
+    text = scripts[0].read_text()
+    assert "#SBATCH --partition='gpu; touch /tmp/pwned'" in text
+    assert "#SBATCH --account='$(reboot)'" in text
+    assert subprocess.run(["bash", "-n", str(scripts[0])]).returncode == 0
+    bad, none = render(tmp_path / "nl", "backend=torch_ddp", "cluster.qos='normal\nrm -rf /'", *QUICK)
+    assert bad.returncode == 2 and "a newline would end the #SBATCH line" in bad.stderr and not none
+
+
+def test_cancelled_cell_leaves_a_failed_record_while_the_other_finishes(cluster, tmp_path):
+    proc, scripts = render(tmp_path, "sweep_id=c", "backend=torch_ddp", "devices=1", "cluster.nodes=1",
+                           "data=synthetic", "train.epochs=1", "repeat=0,1")
+    assert proc.returncode == 0, proc.stderr
+    long_script, short_script = scripts
+    text = long_script.read_text().replace("train.epochs", "train.epochs")
+    cfg_path = Path(text.split("--config ")[1].split()[0].strip("'"))
+    cfg = json.loads(cfg_path.read_text())
+    cfg["train"]["epochs"] = 200  # the one to cancel trains long
+    cfg_path.write_text(json.dumps(cfg))
+    rc, long_job = submit(long_script, wait=False)
+    assert rc == 0
+    results = tmp_path / "results" / "c"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and job_states(long_job).get(long_job) != "RUNNING":
+        time.sleep(0.5)
+    time.sleep(8)  # into training
+    rc, short_job = submit(short_script, wait=False)
+    subprocess.run(["scancel", long_job], check=True, timeout=30)
+    wait_for_states(long_job, {"CANCELLED", "FAILED", "COMPLETED"}, timeout=60)
+    wait_for_states(short_job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300)
+    got = {rec["run_id"]: rec for _, rec in records.read_records(tmp_path / "results")}
+    cancelled = got[long_script.stem]
+    assert cancelled["status"] == "failed"
+    assert "cancelled or pre-empted by Slurm" in cancelled["error"]
+    assert cancelled["interruption"]["signal"] == "SIGTERM"
+    assert cancelled["interruption"]["action"] == "left for --resume"
+    assert got[short_script.stem]["status"] == "ok"
