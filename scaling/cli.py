@@ -32,6 +32,11 @@ def _hydra_run() -> int:
     from scaling.config import CONF_DIR, ConfigError
 
     status = {"code": 0}
+    # resolvers conf/cluster/submitit.yaml uses to size a cell's allocation
+    OmegaConf.register_new_resolver(
+        "scaling_tasks_per_node", lambda launcher, devices: 1 if launcher in ("process", "inprocess", "tf_config", "horovodrun")
+        else int(devices), replace=True)
+    OmegaConf.register_new_resolver("scaling_gpus", lambda use, devices: int(devices) if use else None, replace=True)
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def task(cfg: DictConfig) -> None:

@@ -23,7 +23,7 @@ from scaling.config import CONF_DIR
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "cell.sbatch"
 ROOT = TEMPLATE.parent.parent
-PER_NODE = ("process", "inprocess", "tf_config")  # launchers whose backend runs one task per node
+PER_NODE = ("process", "inprocess", "tf_config", "horovodrun")  # one task per node
 
 
 class RenderError(ValueError):
@@ -58,6 +58,18 @@ def render_cell(cfg: dict, run_id: str, out_dir: Path) -> Path:
         optional.append(f"#SBATCH --gpus-per-node={gpus}")
     for i, line in enumerate(slurm.get("extra_sbatch") or []):
         optional.append(f"#SBATCH {_directive(line, f'cluster.extra_sbatch[{i}]')}")
+    worker = f"{shlex.quote(sys.executable)} -m scaling.worker --config {shlex.quote(str(config_path))}"
+    if cfg["backend"].get("launcher") == "horovodrun":
+        if int(slurm.get("nodes", 1)) > 1:
+            raise RenderError(f"backend={cfg['backend']['name']} on {slurm['nodes']} nodes: this Horovod build's gloo "
+                              "controller starts remote ranks through horovodrun over ssh, and srun would need MPI. "
+                              "Fix: cluster.nodes=1 (horovodrun inside the node)")
+        n = int(cfg["devices"])
+        comment = "# Horovod (gloo): horovodrun starts one rank per device inside the node"
+        command = f"horovodrun --gloo -np {n} -H localhost:{n} {worker}"
+    else:
+        comment = "# one task per device (torch DDP, Lightning) or per node (TF): srun starts them all"
+        command = f"srun --kill-on-bad-exit=1 {worker}"
     values = {
         "cell_id": re.sub(r"[^A-Za-z0-9_.=-]", "_", run_id),
         "job_name": _directive(f"scaling-{run_id}"[:120], "job name"),
@@ -69,8 +81,8 @@ def render_cell(cfg: dict, run_id: str, out_dir: Path) -> Path:
         "log_path": _directive(str((out_dir / f"{run_id}.%j.log").resolve()), "log path"),
         "optional_sbatch": "\n".join(optional),
         "workdir": shlex.quote(str(ROOT)),
-        "python": shlex.quote(sys.executable),
-        "config_path": shlex.quote(str(config_path)),
+        "launch_comment": comment,
+        "launch_command": command,
     }
     script = string.Template(TEMPLATE.read_text()).substitute(values)
     path = out_dir / f"{run_id}.sbatch"

@@ -67,6 +67,8 @@ def run_cell(cfg: dict[str, Any], task_overrides: list[str], job_num: int) -> di
     if done:
         print(f"{tag}: done already ({done['metrics']['samples_per_s']:,.0f} samples/s), skipped", file=sys.stderr, flush=True)
         return done
+    if cfg["cluster"].get("name") == "submitit":
+        return _run_in_slurm_task(cfg, tag)
     if cfg["backend"].get("launcher", "inprocess") == "inprocess":
         cfg["backend"] = {**cfg["backend"], "launcher": "process"}  # each cell in a fresh process
     print(f"{tag}: running", file=sys.stderr, flush=True)
@@ -79,6 +81,34 @@ def run_cell(cfg: dict[str, Any], task_overrides: list[str], job_num: int) -> di
               file=sys.stderr, flush=True)
     else:
         print(f"{tag}: FAILED ({took:.1f} s): {record['error'].splitlines()[0]}", file=sys.stderr, flush=True)
+    return record
+
+
+def _run_in_slurm_task(cfg: dict, tag: str) -> dict | None:
+    """Inside a submitit job: this task is one rank; check the allocation fits the cell, then train."""
+    import os
+
+    from scaling import worker
+    from scaling.slurm import tasks_per_node
+
+    want_nodes, want_tasks = int(cfg["cluster"]["nodes"]), tasks_per_node(cfg)
+    got_nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", "1")))
+    got_tasks = int(os.environ.get("SLURM_NTASKS", "1")) // max(1, got_nodes)
+    if cfg["backend"].get("launcher") == "horovodrun":
+        raise RuntimeError("Horovod cells cannot run through submitit (gloo needs horovodrun); use scaling slurm render")
+    if (got_nodes, got_tasks) != (want_nodes, want_tasks):
+        message = (f"this cell needs {want_nodes} node(s) x {want_tasks} task(s); the sweep's allocation has "
+                   f"{got_nodes} x {got_tasks}. Submitit gives every cell of a multirun the same geometry: "
+                   "sweep one backend geometry at a time (or use scaling slurm render)")
+        if os.environ.get("SLURM_PROCID", "0") == "0":
+            record = records.make_record(run_id=cfg["run_name"], group=cfg["group"], config=cfg,
+                                         environment=records.capture_environment(), metrics=None, error=message)
+            records.write_record(record, cfg["results_dir"])
+        print(f"{tag}: FAILED: {message}", file=sys.stderr, flush=True)
+        return None
+    record = worker.run(cfg)
+    if record["environment"].get("rank", 0) == 0:
+        print(f"{tag}: {record['status']}", file=sys.stderr, flush=True)
     return record
 
 
@@ -114,3 +144,7 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config, **kwargs) -> None:
         summary_table(config.results_dir, config.get("sweep_id") or "adhoc")
+        if (config.get("logger") or {}).get("name") == "wandb":
+            from scaling.tracking import log_sweep_summary
+
+            log_sweep_summary(config, config.get("sweep_id") or "adhoc")  # never raises

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from scaling import config as config_mod
-from scaling import records
+from scaling import records, tracking
 from scaling.protocol import Measurement, Progress, ProtocolConfig, process_start_time
 
 
@@ -66,11 +66,13 @@ def run(cfg: dict[str, Any]) -> dict:
     error = None
     backend = None
     progress = None
+    tracker = None
     rank_summary: dict[str, Any] = {}
     run_id = cfg.get("run_name") or None
     interruption: dict[str, Any] = {}
     if "SLURM_JOB_ID" in os.environ:
         _handle_slurm_signals(cfg, rank, run_id, interruption)
+        slurm_rendezvous()
     try:
         from scaling import data
         from scaling.backends import RunContext, load_backend
@@ -93,9 +95,11 @@ def run(cfg: dict[str, Any]) -> dict:
             limit = cfg["train"].get("max_steps_per_epoch")
             steps = min(steps, limit) if limit else steps
             progress = Progress(steps * int(cfg["train"]["epochs"]), run_id, every=pcfg.log_every)
+        if rank == 0:
+            tracker = tracking.make_tracker(cfg, run_id, group)  # None unless logger=wandb
         meter = Measurement(pcfg, global_batch=ctx.geometry.global_batch, devices=ctx.geometry.devices,
                             sync=backend.sync, device_memory_peak=backend.device_memory_peak,
-                            observers=[progress] if progress else [])
+                            observers=[o for o in (progress, tracker) if o])
         backend.train(meter)
         metrics = meter.result(process_start)
         metrics["steps_per_epoch"] = backend.steps_per_epoch
@@ -129,11 +133,31 @@ def run(cfg: dict[str, Any]) -> dict:
         record["environment"].update(rank=rank, world_size=world, pinned_cpus=pinned)
         if interruption:
             record["interruption"] = dict(interruption)
+        record = tracking.scrub_secrets(record)  # no API key in a record (argv, config overrides)
         _report_to_launcher(rank, record, rank_summary)
         if rank == 0:
             path = records.write_record(record, cfg["results_dir"])
             record["path"] = str(path)
+        if tracker:
+            tracker.finish(record)  # after the record is safe; never raises, bounded by finish_timeout
     return record
+
+
+def slurm_rendezvous() -> None:
+    """torch.distributed's env:// address under srun: rank 0's node (its NodeAddr) and a per-job port."""
+    if "MASTER_ADDR" in os.environ or "SLURM_JOB_NODELIST" not in os.environ:
+        return
+    import subprocess
+
+    try:
+        first = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                               capture_output=True, text=True, timeout=30).stdout.split()[0]
+        node = subprocess.run(["scontrol", "show", "node", first, "-o"], capture_output=True, text=True, timeout=30).stdout
+        addr = next((f.split("=", 1)[1] for f in node.split() if f.startswith("NodeAddr=")), first)
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return
+    os.environ["MASTER_ADDR"] = addr
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000))
 
 
 class Interrupted(BaseException):

@@ -67,12 +67,16 @@ def test_two_node_cells_through_rendered_sbatch_scripts(cluster, tmp_path):
 
 
 def test_per_device_backends_run_one_task_per_device(tmp_path):
-    proc, scripts = render(tmp_path, "backend=horovod_torch", "devices=4", "cluster.nodes=2",
+    proc, scripts = render(tmp_path, "backend=lightning_ddp", "devices=4", "cluster.nodes=2",
                            "cluster.partition=gpu", *QUICK)
     assert proc.returncode == 0, proc.stderr
     text = scripts[0].read_text()
     assert "#SBATCH --ntasks-per-node=4" in text and "#SBATCH --gpus-per-node=4" in text
-    assert "#SBATCH --partition=gpu" in text
+    assert "#SBATCH --partition=gpu" in text and "srun --kill-on-bad-exit=1" in text
+    _, hvd = render(tmp_path / "h", "backend=horovod_torch", "devices=4", *QUICK)
+    assert "horovodrun --gloo -np 4 -H localhost:4" in hvd[0].read_text()
+    refused, _ = render(tmp_path / "h2", "backend=horovod_tf", "cluster.nodes=2", *QUICK)
+    assert refused.returncode == 2 and "cluster.nodes=1" in refused.stderr
     _, mirrored = render(tmp_path / "m", "backend=tf_mirrored", "devices=4", *QUICK)
     assert "#SBATCH --ntasks-per-node=1" in mirrored[0].read_text()
 
@@ -117,3 +121,34 @@ def test_cancelled_cell_leaves_a_failed_record_while_the_other_finishes(cluster,
     assert cancelled["interruption"]["signal"] == "SIGTERM"
     assert cancelled["interruption"]["action"] == "left for --resume"
     assert got[short_script.stem]["status"] == "ok"
+
+
+def test_two_cell_sweep_through_submitit(cluster, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    args = [sys.executable, "-m", "scaling", "sweep", "cluster=submitit", "sweep_id=sub", "backend=torch_ddp",
+            "devices=1", "cluster.nodes=2", "repeat=0,1", f"results_dir={tmp_path}", *QUICK]
+    proc = subprocess.run(args, cwd=_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = [rec for _, rec in records.read_records(tmp_path)]
+    assert sorted(r["config"]["repeat"] for r in found) == [0, 1]
+    for rec in found:
+        assert rec["status"] == "ok", rec["error"]
+        assert rec["environment"]["slurm"]["nnodes"] == "2" and rec["environment"]["world_size"] == 2
+    # rerunning trains nothing: each job finds its cell done (the records are not rewritten)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("sub/*.json")}
+    again = subprocess.run(args, cwd=_ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("sub/*.json")} == before
+
+
+def test_submitit_cell_with_the_wrong_geometry_says_why(cluster, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    # one multirun, one allocation (sized from the base config: 1 task per node): tf_mirrored fits
+    # (one process, 2 devices); torch_ddp needs 2 tasks and must say so rather than train wrongly
+    args = [sys.executable, "-m", "scaling", "sweep", "cluster=submitit", "sweep_id=geo",
+            "backend=tf_mirrored,torch_ddp", "devices=2", f"results_dir={tmp_path}", *QUICK]
+    subprocess.run(args, cwd=_ROOT, capture_output=True, text=True, timeout=600)
+    got = {rec["config"]["backend"]["name"]: rec for _, rec in records.read_records(tmp_path)}
+    assert got["tf_mirrored"]["status"] == "ok", got["tf_mirrored"]["error"]
+    assert got["torch_ddp"]["status"] == "failed"
+    assert "Submitit gives every cell of a multirun the same geometry" in got["torch_ddp"]["error"]

@@ -1,0 +1,488 @@
+"""A scaling model fitted to measured step times, and an honest check of its predictions.
+
+Per backend and workload the per-step time is modelled as compute plus a ring all-reduce::
+
+    T(N) = T_compute(N) + 2 (N - 1) alpha + 2 (N - 1) / N * S / beta
+
+``S`` is the gradient size in bytes (fp32: parameters x 4; MLP 407,080 B, CNN 4,799,528 B),
+``alpha`` the per-message latency (s) and ``beta`` the bandwidth (B/s). Weak scaling keeps the
+per-device batch, so ``T_compute(N) = T0``; strong scaling splits a fixed global batch, so
+``T_compute(N) = T0 / N``. The model is linear in ``(T0, alpha, 1/beta)``, all non-negative, so it
+is fitted by exact non-negative least squares over every repeat's point, in relative terms (each
+point weighted by 1/T, so N = 1 counts as much as the largest N). The measured step time
+is the *effective* one, ``global_batch / samples_per_s``, so a predicted step time turns into a
+predicted throughput without another assumption.
+
+With N = 1 and 2 only, ``alpha`` and ``beta`` cannot be told apart (one extra point, two costs):
+the fit says so and brackets every prediction between the two extreme readings of the measured
+cost, all latency (grows as N) and all bandwidth (saturates at 2 S / beta). Intervals are
+percentiles of a bootstrap over repeats within each N; with 2 or 3 repeats they are rough.
+
+The Amdahl fit is the least-squares serial fraction ``f`` of the speedups,
+``1/S(N) = f + (1 - f)/N``, the Karp-Flatt fraction pooled over N.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from scaling import analysis
+
+#: devices the predictions are made for
+DEFAULT_TARGETS = (16, 32, 64, 128, 256, 512, 1024)
+BOOTSTRAP = 400
+PARAMS = ("t_compute_s", "alpha_s", "inv_beta_s_per_byte")
+
+
+def gradient_bytes(workload: str, parameters: float | None = None, bytes_per_param: int = 4) -> int:
+    """Bytes all-reduced per step: the workload's parameters in fp32."""
+    if parameters is None or (isinstance(parameters, float) and math.isnan(parameters)):
+        parameters = analysis.WORKLOAD_PARAMETERS.get(workload)
+    if parameters is None:
+        raise ValueError(f"unknown parameter count for workload {workload!r}")
+    return int(parameters) * bytes_per_param
+
+
+def design(n: Sequence[float] | np.ndarray, scaling: str, grad_bytes: float) -> np.ndarray:
+    """Columns: compute (1 weak, 1/N strong), 2(N-1) (latency), 2(N-1)/N * S (bandwidth)."""
+    n = np.asarray(n, dtype=float)
+    compute = np.ones_like(n) if scaling == "weak" else 1.0 / n
+    return np.column_stack([compute, 2.0 * (n - 1.0), 2.0 * (n - 1.0) / n * grad_bytes])
+
+
+def step_time(n: Sequence[float] | np.ndarray, theta: Sequence[float], scaling: str, grad_bytes: float) -> np.ndarray:
+    """T(N) for parameters ``theta = (T0, alpha, 1/beta)``."""
+    return design(n, scaling, grad_bytes) @ np.asarray(theta, dtype=float)
+
+
+def nnls(a: np.ndarray, y: np.ndarray, columns: Sequence[int] | None = None) -> np.ndarray:
+    """Exact non-negative least squares for a handful of columns: the best unconstrained solution
+    over every subset of columns that comes out non-negative (the optimum is one of them).
+    Columns outside ``columns`` are held at zero."""
+    cols = list(range(a.shape[1])) if columns is None else list(columns)
+    norms = np.linalg.norm(a, axis=0)
+    norms[norms == 0] = 1.0
+    scaled = a / norms
+    best, best_res = np.zeros(a.shape[1]), float(np.sum(y ** 2))
+    for k in range(1, len(cols) + 1):
+        for subset in itertools.combinations(cols, k):
+            sub = scaled[:, subset]
+            coef, *_ = np.linalg.lstsq(sub, y, rcond=None)
+            if np.any(coef < 0):
+                continue
+            res = float(np.sum((sub @ coef - y) ** 2))
+            if res < best_res - 1e-18 * max(1.0, best_res):
+                best_res = res
+                best = np.zeros(a.shape[1])
+                best[list(subset)] = coef
+    return best / norms
+
+
+def fit_relative(a: np.ndarray, t: np.ndarray, columns: Sequence[int] | None = None) -> np.ndarray:
+    """Non-negative least squares of the relative residual ``(model - t) / t``."""
+    return nnls(a / t[:, None], np.ones_like(t), columns)
+
+
+def identifiable_rank(n_values: Sequence[float], scaling: str, grad_bytes: float) -> int:
+    """Rank of the model's design over the distinct device counts (3 = every parameter identifiable)."""
+    a = design(sorted(set(n_values)), scaling, grad_bytes)
+    norms = np.linalg.norm(a, axis=0)
+    norms[norms == 0] = 1.0
+    return int(np.linalg.matrix_rank(a / norms, tol=1e-9))
+
+
+def amdahl_fraction(n: np.ndarray, speedup: np.ndarray) -> float:
+    """Least-squares serial fraction of ``1/S = f + (1-f)/N`` over the N > 1 points, at least 0."""
+    n, speedup = np.asarray(n, float), np.asarray(speedup, float)
+    keep = (n > 1) & (speedup > 0)
+    if not keep.any():
+        return math.nan
+    w = 1.0 - 1.0 / n[keep]
+    f = float(np.sum(w * (1.0 / speedup[keep] - 1.0 / n[keep])) / np.sum(w * w))
+    return max(f, 0.0)
+
+
+def amdahl_speedup(n: np.ndarray | Sequence[float], f: float) -> np.ndarray:
+    n = np.asarray(n, float)
+    return 1.0 / (f + (1.0 - f) / n)
+
+
+@dataclass
+class Fit:
+    """A fitted model for one backend on one study (sweep, workload, data, scaling, variant)."""
+
+    key: dict
+    scaling: str
+    grad_bytes: int
+    batch: float  # per-device batch (weak) or global batch (strong)
+    n: np.ndarray  # per-repeat device counts
+    t: np.ndarray  # per-repeat effective step times (s)
+    throughput: np.ndarray  # per-repeat samples/s
+    theta: np.ndarray | None = None  # (T0, alpha, 1/beta) when identifiable
+    theta_boot: np.ndarray | None = None
+    #: when not identifiable: the latency-only and the bandwidth-only fits (and their bootstraps)
+    bracket: dict[str, np.ndarray] = field(default_factory=dict)
+    bracket_boot: dict[str, np.ndarray] = field(default_factory=dict)
+    amdahl_f: float = math.nan
+    amdahl_boot: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def identifiable(self) -> bool:
+        return self.theta is not None
+
+    @property
+    def measured_n(self) -> list[int]:
+        return sorted({int(v) for v in self.n})
+
+    @property
+    def label(self) -> str:
+        return f"{self.key['backend']} / {self.key['workload']} / {self.key['data']} / {self.scaling}"
+
+    def global_batch(self, n: np.ndarray) -> np.ndarray:
+        n = np.asarray(n, float)
+        return self.batch * n if self.scaling == "weak" else np.full_like(n, self.batch)
+
+    def _thetas(self) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        if self.theta is not None:
+            return {"fit": (self.theta, self.theta_boot)}
+        return {name: (theta, self.bracket_boot.get(name)) for name, theta in self.bracket.items()}
+
+    def parameters(self) -> pd.DataFrame:
+        """alpha, beta, T0 and the Amdahl serial fraction, each with a 95% bootstrap interval."""
+        rows = []
+        for name, (theta, boot) in self._thetas().items():
+            with np.errstate(invalid="ignore"):
+                lo, hi = (np.percentile(boot, [2.5, 97.5], axis=0) if boot is not None and len(boot)
+                          else (np.full(3, np.nan), np.full(3, np.nan)))
+            for i, (pname, unit) in enumerate([("T_compute", "s"), ("alpha", "s"), ("beta", "B/s")]):
+                if pname == "beta":  # fitted as 1/beta; report beta (inf when no bandwidth cost)
+                    value, low, high = _inv(theta[2]), _inv(hi[2]), _inv(lo[2])
+                else:
+                    value, low, high = theta[i], lo[i], hi[i]
+                rows.append({"model": name, "parameter": pname, "value": value, "low": low, "high": high, "unit": unit})
+        if not math.isnan(self.amdahl_f):
+            lo, hi = (np.nanpercentile(self.amdahl_boot, [2.5, 97.5]) if self.amdahl_boot is not None
+                      and np.isfinite(self.amdahl_boot).any() else (math.nan, math.nan))
+            rows.append({"model": "amdahl", "parameter": "serial fraction", "value": self.amdahl_f, "low": lo,
+                         "high": hi, "unit": ""})
+        return pd.DataFrame(rows)
+
+    def predict(self, targets: Sequence[int] = DEFAULT_TARGETS, include_measured: bool = True) -> pd.DataFrame:
+        """Predicted step time, throughput and efficiency per N, with a 95% band (bootstrap, and for
+        a non-identifiable fit the envelope of the latency-only and bandwidth-only readings), and
+        the Amdahl prediction."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self._predict(targets, include_measured)
+
+    def _predict(self, targets: Sequence[int], include_measured: bool) -> pd.DataFrame:
+        n = np.array(sorted(set(targets) | (set(self.measured_n) if include_measured else set())), float)
+        out = pd.DataFrame({"N": n.astype(int)})
+        gb = self.global_batch(n)
+        preds, lows, highs = [], [], []
+        for name, (theta, boot) in self._thetas().items():
+            t = step_time(n, theta, self.scaling, self.grad_bytes)
+            thr = gb / t
+            preds.append(thr)
+            if boot is not None and len(boot):
+                tb = np.stack([step_time(n, b, self.scaling, self.grad_bytes) for b in boot])
+                thr_b = gb / tb
+                lows.append(np.percentile(thr_b, 2.5, axis=0))
+                highs.append(np.percentile(thr_b, 97.5, axis=0))
+            else:
+                lows.append(thr)
+                highs.append(thr)
+            if name != "fit":
+                out[f"throughput_{name}"] = thr
+        thr1 = {name: float(self.global_batch(np.array([1.0]))[0] / step_time([1.0], theta, self.scaling, self.grad_bytes)[0])
+                for name, (theta, _) in self._thetas().items()}
+        if self.identifiable:
+            out["step_time_s"] = gb / preds[0]
+            out["throughput"] = preds[0]
+            out["efficiency"] = preds[0] / (n * thr1["fit"])
+        else:
+            out["step_time_s"] = np.nan
+            out["throughput"] = np.nan  # no single prediction: see the bracket
+            names = list(self._thetas())
+            effs = [p / (n * thr1[nm]) for p, nm in zip(preds, names)]
+            out["efficiency_low"] = np.min(effs, axis=0) if effs else np.nan
+            out["efficiency_high"] = np.max(effs, axis=0) if effs else np.nan
+        out["throughput_low"] = np.min(lows, axis=0) if lows else np.nan
+        out["throughput_high"] = np.max(highs, axis=0) if highs else np.nan
+        if not math.isnan(self.amdahl_f):
+            base = float(np.median(self.throughput[self.n == 1])) if (self.n == 1).any() else math.nan
+            s = amdahl_speedup(n, self.amdahl_f)
+            out["amdahl_throughput"] = base * s
+            out["amdahl_efficiency"] = s / n
+        return out
+
+
+def _inv(x: float) -> float:
+    return math.inf if not x > 0 else 1.0 / x
+
+
+def _resample(rng: np.random.Generator, n: np.ndarray) -> np.ndarray:
+    """Indices of a bootstrap sample drawn within each device count."""
+    idx = []
+    for v in np.unique(n):
+        members = np.flatnonzero(n == v)
+        idx.append(rng.choice(members, size=len(members), replace=True))
+    return np.concatenate(idx)
+
+
+def _median_speedups(n: np.ndarray, thr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ns = np.unique(n)
+    med = np.array([np.median(thr[n == v]) for v in ns])
+    if 1 not in ns:
+        return ns, np.full(len(ns), np.nan)
+    return ns, med / med[ns == 1][0]
+
+
+def fit_cell(points: pd.DataFrame, bootstrap: int = BOOTSTRAP, seed: int = 0) -> Fit:
+    """Fit one backend's points (tidy rows of one study and backend, status ok)."""
+    first = points.iloc[0]
+    scaling = str(first["scaling"])
+    grad = gradient_bytes(str(first["workload"]), first.get("parameters"))
+    n = points["N"].to_numpy(float)
+    gb = points["global_batch"].to_numpy(float)
+    thr = points["samples_per_s"].to_numpy(float)
+    t = gb / thr
+    batch = float(np.median(gb / n)) if scaling == "weak" else float(np.median(gb))
+    fit = Fit(key={k: first[k] for k in analysis.CELL_KEYS}, scaling=scaling, grad_bytes=grad, batch=batch,
+              n=n, t=t, throughput=thr)
+    a = design(n, scaling, grad)
+    rng = np.random.default_rng(seed)
+    boots = [_resample(rng, n) for _ in range(bootstrap)]
+    rank = identifiable_rank(n, scaling, grad)
+    distinct = fit.measured_n
+    if rank == 3:
+        fit.theta = fit_relative(a, t)
+        fit.theta_boot = np.stack([fit_relative(a[i], t[i]) for i in boots]) if boots else None
+        if fit.theta[1] == 0 or fit.theta[2] == 0:
+            fit.notes.append("a communication term fitted to zero (bound at 0): the data show no cost of that kind")
+    elif any(v > 1 for v in distinct):
+        fit.notes.append(
+            f"alpha and beta are not identifiable from N = {', '.join(map(str, distinct))} (one communication "
+            f"point for two costs): predictions are bracketed between all-latency (alpha only) and "
+            f"all-bandwidth (beta only) readings; measure at least 3 device counts to separate them")
+        for name, cols in (("latency_only", (0, 1)), ("bandwidth_only", (0, 2))):
+            fit.bracket[name] = fit_relative(a, t, cols)
+            fit.bracket_boot[name] = np.stack([fit_relative(a[i], t[i], cols) for i in boots]) if boots else None
+    else:
+        fit.notes.append(f"only N = {distinct[0]} measured: no communication cost can be fitted")
+    if 1 in distinct and len(distinct) > 1:
+        ns, s = _median_speedups(n, thr)
+        fit.amdahl_f = amdahl_fraction(ns, s)
+        fit.amdahl_boot = np.array([amdahl_fraction(*_median_speedups(n[i], thr[i])) for i in boots])
+        if np.any(s[ns > 1] < 1):
+            fit.notes.append("the run slows down with more devices (speedup < 1): Amdahl's law cannot represent that; "
+                             "its serial fraction comes out above 1")
+    elif len(distinct) > 1:
+        fit.notes.append("no N = 1 run: no Amdahl fit (speedups need the one-device throughput)")
+    if fit.identifiable:
+        resid = step_time(n, fit.theta, scaling, grad) / t - 1.0
+        fit.notes.append(f"fit residual {np.sqrt(np.mean(resid ** 2)):.0%} of the step time (RMS over {len(t)} runs)")
+    cores = pd.to_numeric(points.get("cpu_count"), errors="coerce").min() if "cpu_count" in points else math.nan
+    per_node = points["devices_per_node"].max() if "devices_per_node" in points else max(distinct)
+    if (points.get("accelerator", pd.Series(["cpu"])) == "cpu").all() and cores > 0 and per_node > cores:
+        fit.notes.append(f"CPU workers: up to {per_node} workers shared {cores:.0f} CPU cores, so compute per step grows "
+                         f"with N there; the fitted communication terms absorb that (not a network measurement)")
+    return fit
+
+
+def fit_all(cells: pd.DataFrame, bootstrap: int = BOOTSTRAP, distributed_only: bool = True) -> list[Fit]:
+    """One fit per (study, backend); single-device backends (only N = 1) are skipped by default."""
+    ok = cells[(cells["status"] == "ok") & cells["samples_per_s"].notna() & cells["global_batch"].notna()]
+    fits = []
+    for _, grp in ok.groupby(analysis.CELL_KEYS, dropna=False, sort=True):
+        if distributed_only and grp["N"].nunique() < 2:
+            continue
+        fits.append(fit_cell(grp, bootstrap=bootstrap))
+    return fits
+
+
+@dataclass
+class Validation:
+    """Fit on the smaller device counts, predict the largest, compare with its measured median."""
+
+    label: str
+    train_n: list[int]
+    holdout_n: int
+    measured: float
+    predicted: float  # NaN when the training fit is not identifiable
+    predicted_low: float
+    predicted_high: float
+    amdahl_predicted: float
+    notes: list[str]
+
+    @property
+    def error(self) -> float:
+        return self.predicted / self.measured - 1.0
+
+    @property
+    def amdahl_error(self) -> float:
+        return self.amdahl_predicted / self.measured - 1.0
+
+    def summary(self) -> str:
+        train = ", ".join(map(str, self.train_n))
+        if math.isnan(self.predicted):
+            model = (f"alpha-beta model not identifiable from N = {train}: bracket "
+                     f"{self.predicted_low:,.0f} .. {self.predicted_high:,.0f} samples/s "
+                     f"({self.predicted_low / self.measured - 1:+.0%} .. {self.predicted_high / self.measured - 1:+.0%})")
+        else:
+            model = (f"alpha-beta model {self.predicted:,.0f} samples/s (95% {self.predicted_low:,.0f} .. "
+                     f"{self.predicted_high:,.0f}), error {self.error:+.1%}")
+        amdahl = "" if math.isnan(self.amdahl_predicted) else (
+            f"; Amdahl {self.amdahl_predicted:,.0f} samples/s, error {self.amdahl_error:+.1%}")
+        return (f"{self.label}: fit on N = {train}, predict N = {self.holdout_n}: measured {self.measured:,.0f} samples/s; "
+                f"{model}{amdahl}")
+
+
+def validate(points: pd.DataFrame, holdout: int | None = None, bootstrap: int = BOOTSTRAP) -> Validation:
+    """Hold out the largest device count (or ``holdout``), fit on the rest, predict it."""
+    ok = points[(points["status"] == "ok") & points["samples_per_s"].notna()]
+    holdout = int(ok["N"].max()) if holdout is None else int(holdout)
+    train = ok[ok["N"] < holdout]
+    test = ok[ok["N"] == holdout]
+    if train["N"].nunique() < 2 or test.empty:
+        raise ValueError(f"validation needs at least two device counts below N = {holdout} and runs at N = {holdout}")
+    fit = fit_cell(train, bootstrap=bootstrap)
+    pred = fit.predict([holdout], include_measured=False).iloc[0]
+    return Validation(
+        label=fit.label, train_n=fit.measured_n, holdout_n=holdout,
+        measured=float(test["samples_per_s"].median()),
+        predicted=float(pred["throughput"]),
+        predicted_low=float(pred["throughput_low"]), predicted_high=float(pred["throughput_high"]),
+        amdahl_predicted=float(pred.get("amdahl_throughput", math.nan)),
+        notes=fit.notes,
+    )
+
+
+def validate_all(cells: pd.DataFrame, bootstrap: int = BOOTSTRAP) -> list[Validation]:
+    """A validation for every (study, backend) with at least 3 device counts."""
+    ok = cells[(cells["status"] == "ok") & cells["samples_per_s"].notna()]
+    out = []
+    for _, grp in ok.groupby(analysis.CELL_KEYS, dropna=False, sort=True):
+        if grp["N"].nunique() >= 3:
+            out.append(validate(grp, bootstrap=bootstrap))
+    return out
+
+
+# -- `scaling predict` --------------------------------------------------------------------------
+
+def _parse_targets(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of device counts: {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError("device counts must be positive")
+    return values
+
+
+def predict_command(argv: list[str]) -> int:
+    """`scaling predict RESULTS_DIR [--sweep ID] [--backend B] [--workload W] [--devices 16,...] [--validate]`."""
+    parser = argparse.ArgumentParser(
+        prog="scaling predict",
+        description="Fit T(N) = T_compute + ring all-reduce (alpha, beta) and Amdahl's law to measured step times; "
+                    "predict throughput and efficiency at larger device counts.")
+    parser.add_argument("results_dir", nargs="?", default=os.environ.get("SCALING_RESULTS", "results"),
+                        help="default: $SCALING_RESULTS or ./results")
+    parser.add_argument("--sweep", help="only this sweep id")
+    parser.add_argument("--backend", action="append", help="only this backend (repeatable)")
+    parser.add_argument("--workload", help="only this workload")
+    parser.add_argument("--devices", type=_parse_targets, default=list(DEFAULT_TARGETS),
+                        help="device counts to predict (default 16,32,...,1024)")
+    parser.add_argument("--validate", action="store_true",
+                        help="also fit on the smaller device counts and predict the largest measured one")
+    parser.add_argument("--bootstrap", type=int, default=BOOTSTRAP, help="bootstrap resamples for the intervals")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+    from rich.console import Console
+
+    console = Console()
+    loaded = analysis.load(args.results_dir)
+    for problem in loaded.problems:
+        console.print(f"[yellow]note:[/] {problem}")
+    cells = analysis.tidy(loaded.records, loaded.paths)
+    if not cells.empty:
+        if args.sweep:
+            cells = cells[cells["sweep"] == args.sweep]
+        if args.backend:
+            cells = cells[cells["backend"].isin(args.backend)]
+        if args.workload:
+            cells = cells[cells["workload"] == args.workload]
+    fits = fit_all(cells, bootstrap=args.bootstrap) if not cells.empty else []
+    if not fits:
+        print("scaling predict: nothing to fit: need ok runs of a backend at two or more device counts"
+              + (f" in {args.results_dir}" if loaded.records else ""), file=sys.stderr)
+        return 1
+    for fit in fits:
+        console.print(render_fit(fit, args.devices))
+    if args.validate:
+        validations = validate_all(cells, bootstrap=args.bootstrap)
+        if not validations:
+            console.print("[yellow]validation:[/] needs a backend measured at 3 or more device counts")
+        for v in validations:
+            console.print(f"[bold]validation[/] {v.summary()}")
+    return 0
+
+
+def render_fit(fit: Fit, targets: Sequence[int] = DEFAULT_TARGETS):
+    """A rich renderable: parameters with intervals, notes, predictions."""
+    from rich.console import Group
+    from rich.table import Table
+
+    params = Table(title=f"{fit.label}  (sweep {fit.key['sweep']}, N measured {fit.measured_n}, "
+                         f"S = {fit.grad_bytes:,} B)", title_justify="left")
+    for col in ("model", "parameter", "value", "95% interval"):
+        params.add_column(col, justify="right" if col != "parameter" else "left")
+    for row in fit.parameters().itertuples():
+        params.add_row(row.model, row.parameter, fmt_param(row.parameter, row.value),
+                       f"{fmt_param(row.parameter, row.low)} .. {fmt_param(row.parameter, row.high)}")
+    pred = fit.predict(targets)
+    table = Table(title="predicted", title_justify="left")
+    table.add_column("N", justify="right")
+    table.add_column("samples/s (model)", justify="right")
+    table.add_column("95% / bracket", justify="right")
+    table.add_column("efficiency", justify="right")
+    table.add_column("Amdahl samples/s", justify="right")
+    table.add_column("Amdahl eff.", justify="right")
+    for r in pred.to_dict("records"):
+        eff = (f"{r['efficiency']:.1%}" if "efficiency" in r and not math.isnan(r["efficiency"])
+               else f"{r.get('efficiency_low', math.nan):.1%} .. {r.get('efficiency_high', math.nan):.1%}")
+        table.add_row(str(r["N"]), _f(r["throughput"]), f"{_f(r['throughput_low'])} .. {_f(r['throughput_high'])}", eff,
+                      _f(r.get("amdahl_throughput", math.nan)), _pct(r.get("amdahl_efficiency", math.nan)))
+    notes = [f"[dim]- {n}[/]" for n in fit.notes]
+    return Group(params, *notes, table, "")
+
+
+def fmt_param(name: str, value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if math.isinf(value):
+        return "inf"
+    if name == "beta":
+        return f"{value / 1e9:.3g} GB/s"
+    if name in ("alpha", "T_compute"):
+        return f"{value * 1e6:.3g} us"
+    return f"{value:.3g}"
+
+
+def _f(x: float) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:,.0f}"
+
+
+def _pct(x: float) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1%}"

@@ -1,0 +1,441 @@
+"""W&B tracking (``logger=wandb``): one W&B run per cell from rank 0, one summary run per sweep.
+
+The tracker only transports numbers the protocol has measured; the JSON record stays the truth.
+- per cell: ``group`` = sweep id, ``job_type`` = backend, run name = the cell's run id; config =
+  the resolved config plus the environment; history = step time and throughput every
+  ``protocol.log_every`` steps, the train loss, test accuracy and loss after every epoch, all
+  against the ``step`` metric (optimizer steps); summary = every protocol figure of the record
+  (nested ones flattened: ``step_time_s.p50``) and the record's ``status``.
+- per sweep: a run with ``job_type="summary"`` holding a ``wandb.Table`` of all cells and line
+  plots of throughput, speedup and efficiency against device count, one line per backend.
+
+W&B must never cost a run: every call is wrapped, the first failure prints one warning and turns
+the tracker off, ``wandb.init`` and ``finish`` run under timeouts, and an online run that cannot
+start falls back to an offline one. Every W&B file goes under ``<results_dir>/wandb`` (offline
+runs would otherwise land in the working directory and the home directory); upload offline runs
+later with ``wandb sync <results_dir>/wandb/offline-run-*``.
+
+Secrets: configs, environments and argv pass through :func:`scrub_secrets` before they reach
+W&B (and the worker scrubs the record the same way), so an API key never lands in a file.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+from scaling import records
+from scaling.protocol import Observer
+
+REDACTED = "***"
+#: a mapping key whose string value is a secret (api_key, WANDB_API_KEY, auth_token, password)
+_SECRET_NAME = re.compile(r"(?i)(?:^|[_.\-])(?:api[_-]?key|access[_-]?key|token|password|passwd|secret)(?:$|[_.\-])")
+#: ``name=value`` / ``name: value`` inside a string (argv, an error message) naming a secret
+_SECRET_ASSIGN = re.compile(
+    r"(?i)((?:^|(?<=[^a-z0-9])|(?<=_))(?:api[_-]?key|access[_-]?key|token|password|passwd|secret)"
+    r"(?![a-z0-9])[\w.\-]*\s*[=:]\s*)([^\s,;'\"&]+)")
+#: environment variables whose values are always secrets, even when no mapping key names them
+_SECRET_ENV = ("WANDB_API_KEY",)
+
+
+# -- secrets ----------------------------------------------------------------------------------
+
+def known_secrets() -> set[str]:
+    """Secret values this process can see: W&B's key (environment or ~/.netrc) and any other
+    environment variable named like a secret."""
+    found = {os.environ.get(k, "") for k in _SECRET_ENV}
+    found |= {v for k, v in os.environ.items() if _SECRET_NAME.search(k)}
+    key = _netrc_key()
+    if key:
+        found.add(key)
+    return {s for s in found if len(s) >= 8}  # a short value would redact ordinary words
+
+
+def scrub_secrets(obj: Any, secrets: set[str] | None = None) -> Any:
+    """A copy of ``obj`` (dicts, lists, strings) with every secret replaced by ``***``.
+
+    Redacts: the string value of any key named like a secret (``api_key``, ``WANDB_API_KEY``,
+    ``token``, ``password``, ``secret``); every occurrence of a known secret value (the W&B key,
+    see :func:`known_secrets`, and the values just found under secret-named keys) in any string;
+    and ``name=value`` assignments of secret-named settings inside strings (argv, error text).
+    Numbers and other scalars pass unchanged. Pure Python, no W&B import: records can call it.
+    """
+    values = set(known_secrets() if secrets is None else secrets)
+    _collect_named(obj, values)
+    ordered = sorted((v for v in values if v), key=len, reverse=True)
+    return _scrub(obj, ordered)
+
+
+def _collect_named(obj: Any, into: set[str]) -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(v, str) and v and _SECRET_NAME.search(str(k)):
+                into.add(v)
+            else:
+                _collect_named(v, into)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _collect_named(v, into)
+    elif isinstance(obj, str):
+        for m in _SECRET_ASSIGN.finditer(obj):
+            into.add(m.group(2))
+
+
+def _scrub(obj: Any, secrets: list[str]) -> Any:
+    if isinstance(obj, dict):
+        return {k: (REDACTED if isinstance(v, str) and v and _SECRET_NAME.search(str(k)) else _scrub(v, secrets))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_scrub(v, secrets) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_scrub(v, secrets) for v in obj)
+    if isinstance(obj, str):
+        for s in secrets:
+            obj = obj.replace(s, REDACTED)
+        return _SECRET_ASSIGN.sub(lambda m: m.group(1) + REDACTED, obj)
+    return obj
+
+
+def _netrc_key() -> str | None:
+    """The W&B key ``wandb login`` stored in ~/.netrc (or $NETRC) for the W&B host, if any."""
+    try:
+        import netrc
+        from urllib.parse import urlparse
+
+        host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+        auth = netrc.netrc(os.environ.get("NETRC") or None).authenticators(host)
+        return auth[2] if auth else None
+    except Exception:  # no netrc, unreadable or malformed: no key from there
+        return None
+
+
+# -- modes and directories --------------------------------------------------------------------
+
+MODES = ("auto", "online", "offline", "disabled")
+
+
+def api_key_configured() -> bool:
+    return bool(os.environ.get("WANDB_API_KEY")) or bool(_netrc_key())
+
+
+def resolve_mode(mode: str | None) -> str:
+    """``auto``: $WANDB_MODE when set, else online with an API key configured, else offline."""
+    mode = (mode or "auto").lower()
+    if mode == "auto":
+        env = os.environ.get("WANDB_MODE", "").lower()
+        if env:
+            return {"dryrun": "offline", "run": "online", "disable": "disabled"}.get(env, env)
+        return "online" if api_key_configured() else "offline"
+    if mode not in MODES:
+        raise ValueError(f"logger.mode={mode!r}: must be one of {', '.join(MODES)}")
+    return mode
+
+
+def wandb_root(results_dir: str | Path) -> Path:
+    """Where W&B writes: ``<results_dir>/wandb`` (runs in ``offline-run-*`` / ``run-*`` below it)."""
+    return Path(results_dir).resolve() / "wandb"
+
+
+def use_results_dir(results_dir: str | Path) -> Path:
+    """Point every W&B directory (runs, cache, config, staging data, artifacts) under the results
+    directory; W&B reads these variables, and would otherwise write into the home directory."""
+    root = wandb_root(results_dir)
+    dirs = {"WANDB_DIR": root.parent, "WANDB_CACHE_DIR": root / ".cache", "WANDB_CONFIG_DIR": root / ".config",
+            "WANDB_DATA_DIR": root / ".data", "WANDB_ARTIFACT_DIR": root / ".artifacts"}
+    for name, path in dirs.items():
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ[name] = str(path)
+    return root
+
+
+@contextlib.contextmanager
+def _scrubbed_argv() -> Iterator[None]:
+    """W&B copies ``sys.argv`` into the run's metadata at init: show it a scrubbed one."""
+    saved = sys.argv
+    sys.argv = [str(a) for a in scrub_secrets(list(saved))]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+# -- warnings ---------------------------------------------------------------------------------
+
+def _warn(msg: str) -> None:
+    print(f"scaling: W&B: {scrub_secrets(msg)}", file=sys.stderr, flush=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _init(lcfg: dict, mode: str, results_dir: str | Path, **kwargs: Any):
+    """``wandb.init`` under the logger config's timeouts, quiet, never touching stdout."""
+    import wandb
+
+    settings = wandb.Settings(
+        init_timeout=float(lcfg.get("init_timeout", 30)),
+        finish_timeout=float(lcfg.get("finish_timeout", 60)),
+        console="off",  # the launcher keeps the run's log; W&B need not wrap stdout
+        quiet=True,
+        x_disable_stats=not lcfg.get("system_metrics", False),
+        disable_git=True,
+        save_code=False,
+        x_save_requirements=False,
+    )
+    with _scrubbed_argv():
+        return wandb.init(project=lcfg.get("project") or "scaling", entity=lcfg.get("entity") or None,
+                          tags=list(lcfg.get("tags") or []) or None, mode=mode,
+                          dir=str(wandb_root(results_dir).parent), settings=settings, reinit="create_new", **kwargs)
+
+
+def start_run(cfg: dict, **kwargs: Any):
+    """Start a W&B run for ``cfg`` (its ``logger`` and ``results_dir``), or None (logger off,
+    W&B missing, or W&B failing: one warning then). An online run that cannot start (no network,
+    bad key, server error) is retried offline, so the data can still be synced later."""
+    lcfg = cfg.get("logger") or {}
+    if lcfg.get("name", "none") != "wandb":
+        return None
+    try:
+        mode = resolve_mode(lcfg.get("mode"))
+    except ValueError as exc:
+        _warn(f"{exc}; not logging this run")
+        return None
+    if mode == "disabled":
+        return None
+    try:
+        use_results_dir(cfg["results_dir"])
+        import wandb  # noqa: F401
+    except Exception as exc:
+        _warn(f"unavailable ({_first_line(exc)}); not logging this run, the local record is kept")
+        return None
+    try:
+        return _init(lcfg, mode, cfg["results_dir"], **kwargs)
+    except Exception as exc:
+        if mode != "online":
+            _warn(f"could not start a run ({_first_line(exc)}); not logging this run, the local record is kept")
+            return None
+        first = _first_line(exc)
+    try:
+        run = _init(lcfg, "offline", cfg["results_dir"], **kwargs)
+    except Exception as exc:
+        _warn(f"could not start an online run ({first}) nor an offline one ({_first_line(exc)}); "
+              "not logging this run, the local record is kept")
+        return None
+    _warn(f"could not start an online run ({first}); logging offline to {run.dir and Path(run.dir).parent}, "
+          f"upload it later with `wandb sync {Path(run.dir).parent}`")
+    return run
+
+
+# -- one run per cell -------------------------------------------------------------------------
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"step_time_s": {"p50": x}}`` -> ``{"step_time_s.p50": x}``; lists and scalars kept."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= flatten(v, key + ".")
+        else:
+            out[key] = [list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, (list, tuple)) else v
+    return out
+
+
+class WandbTracker(Observer):
+    """Rank 0's W&B run for one cell; a protocol observer, finished with the run's record."""
+
+    def __init__(self, run: Any, *, step_axis: bool = True) -> None:
+        self.run = run
+        self._steps = 0
+        self._off = False
+        if step_axis:
+            self._call(self._define_metrics)
+
+    @property
+    def active(self) -> bool:
+        return not self._off
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run's folder (``.../wandb/offline-run-<time>-<id>``), what ``wandb sync`` takes."""
+        try:
+            return Path(self.run.dir).parent
+        except Exception:
+            return None
+
+    def _call(self, fn, *args: Any, **kwargs: Any) -> Any:
+        if self._off:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # whatever W&B raises, training goes on
+            self._off = True
+            _warn(f"logging failed ({_first_line(exc)}); W&B is off for the rest of this run, "
+                  "the local record is kept")
+            return None
+
+    def _define_metrics(self) -> None:
+        # every series against optimizer steps, so rows from logged() and evaluated() share an axis
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+
+    def advance(self, steps: int) -> None:
+        self._steps += steps
+
+    def logged(self, step: int, values: dict[str, float]) -> None:
+        self._steps = step
+        self._call(self.run.log, {"step": step, **values})
+
+    def evaluated(self, epoch: int, loss: float, accuracy: float) -> None:
+        self._call(self.run.log, {"step": self._steps, "epoch": epoch, "test_accuracy": float(accuracy),
+                                  "test_loss": float(loss)})
+
+    def finish(self, record: dict) -> None:
+        """Put every figure of ``record`` and its status into the summary, then finish the run
+        (bounded by ``logger.finish_timeout``)."""
+        if self._off:
+            return
+        summary = flatten(record.get("metrics") or {})
+        summary["status"] = record["status"]
+        if record.get("error"):
+            summary["error"] = record["error"].splitlines()[0]
+        summary = scrub_secrets(summary)
+        self._call(self.run.summary.update, summary)
+        self._call(self.run.config.update, {"environment": scrub_secrets(record.get("environment") or {})},
+                   allow_val_change=True)
+        self._call(self.run.finish, exit_code=0 if record["status"] == "ok" else 1)
+        self._off = True
+
+    def close(self) -> None:
+        """Finish without a record (the run ends some other way); finish(record) is the normal end."""
+        if not self._off:
+            self._call(self.run.finish, exit_code=1)
+            self._off = True
+
+
+def make_tracker(cfg: dict, run_id: str, group: str) -> WandbTracker | None:
+    """The cell's W&B run (rank 0 calls this), or None when ``logger`` is not wandb or W&B fails."""
+    config = scrub_secrets({**cfg, "environment": records.capture_environment()})
+    run = start_run(cfg, group=group, job_type=cfg["backend"]["name"], name=run_id, config=config)
+    return WandbTracker(run) if run is not None else None
+
+
+# -- one summary run per sweep ----------------------------------------------------------------
+
+TABLE_COLUMNS = ["cell", "backend", "workload", "data", "scaling", "devices", "nodes", "total_devices", "repeat",
+                 "status", "samples_per_s", "samples_per_s_per_device", "speedup", "efficiency",
+                 "step_time_p50_s", "final_test_accuracy", "time_to_accuracy_s", "error"]
+
+
+def _series_key(c: dict) -> tuple:
+    return (c["backend"]["name"], c["workload"]["name"], c["data"]["name"], c.get("scaling", "weak"))
+
+
+def sweep_rows(sweep_records: list[dict]) -> list[dict]:
+    """One row per cell. ``speedup``: the cell's throughput over the mean throughput of its
+    series (same backend, workload, data and scaling) at its fewest devices; ``efficiency``:
+    speedup over the device ratio."""
+    ok: dict[tuple, dict[int, list[float]]] = {}
+    for rec in sweep_records:
+        m = rec.get("metrics") or {}
+        if rec["status"] == "ok" and m.get("samples_per_s"):
+            c = rec["config"]
+            n = int(c["devices"]) * int(c["cluster"]["nodes"])
+            ok.setdefault(_series_key(c), {}).setdefault(n, []).append(float(m["samples_per_s"]))
+    rows = []
+    for rec in sweep_records:
+        c, m = rec["config"], rec.get("metrics") or {}
+        n = int(c["devices"]) * int(c["cluster"]["nodes"])
+        speedup = efficiency = None
+        series = ok.get(_series_key(c))
+        if series and rec["status"] == "ok" and m.get("samples_per_s"):
+            n0 = min(series)
+            base = sum(series[n0]) / len(series[n0])
+            speedup = float(m["samples_per_s"]) / base
+            efficiency = speedup / (n / n0)
+        rows.append({
+            "cell": rec["run_id"], "backend": c["backend"]["name"], "workload": c["workload"]["name"],
+            "data": c["data"]["name"], "scaling": c.get("scaling", "weak"), "devices": int(c["devices"]),
+            "nodes": int(c["cluster"]["nodes"]), "total_devices": n, "repeat": int(c.get("repeat", 0)),
+            "status": rec["status"], "samples_per_s": m.get("samples_per_s"),
+            "samples_per_s_per_device": m.get("samples_per_s_per_device"), "speedup": speedup,
+            "efficiency": efficiency, "step_time_p50_s": (m.get("step_time_s") or {}).get("p50"),
+            "final_test_accuracy": m.get("final_test_accuracy"), "time_to_accuracy_s": m.get("time_to_accuracy_s"),
+            "error": (rec.get("error") or "").splitlines()[0] if rec.get("error") else None,
+        })
+    return sorted(rows, key=lambda r: (r["backend"], r["workload"], r["data"], r["scaling"], r["total_devices"], r["repeat"]))
+
+
+def sweep_lines(rows: list[dict], figure: str) -> tuple[list[list[int]], list[list[float]], list[str]]:
+    """(xs, ys, keys) for one line per backend: ``figure`` averaged over repeats of ok cells,
+    against total device count. Lines are also split by workload, data and scaling when the
+    sweep varies them."""
+    varied = [k for k in ("workload", "data", "scaling") if len({r[k] for r in rows}) > 1]
+    series: dict[str, dict[int, list[float]]] = {}
+    for r in rows:
+        if r["status"] != "ok" or r[figure] is None:
+            continue
+        key = "/".join([r["backend"], *(str(r[k]) for k in varied)])
+        series.setdefault(key, {}).setdefault(r["total_devices"], []).append(float(r[figure]))
+    keys = sorted(series)
+    xs = [sorted(series[k]) for k in keys]
+    ys = [[sum(series[k][n]) / len(series[k][n]) for n in x] for k, x in zip(keys, xs)]
+    return xs, ys, keys
+
+
+def log_sweep_summary(cfg: Any, sweep_id: str) -> Path | None:
+    """Log the sweep's summary run (``job_type="summary"``) from its records; returns the run's
+    folder, or None (logger off, no cells, or W&B failing: one warning then). ``cfg``: the
+    sweep's config, a dict or Hydra's DictConfig. Never raises."""
+    try:
+        return _log_sweep_summary(_plain(cfg), sweep_id)
+    except Exception as exc:  # a broken summary must not fail a finished sweep
+        _warn(f"sweep summary not logged ({_first_line(exc)})")
+        return None
+
+
+def _plain(cfg: Any) -> dict:
+    if isinstance(cfg, dict):
+        return cfg
+    from omegaconf import OmegaConf
+
+    # the hydra node resolves only inside a job; the sweep's own keys are what the summary needs
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+
+
+def _log_sweep_summary(cfg: dict, sweep_id: str) -> Path | None:
+    results_dir = cfg["results_dir"]
+    recs = [rec for _, rec in records.read_records(results_dir) if rec.get("group") == sweep_id] \
+        if Path(results_dir).exists() else []
+    if not recs or (cfg.get("logger") or {}).get("name") != "wandb":
+        return None
+    rows = sweep_rows(recs)
+    config = scrub_secrets({**{k: v for k, v in cfg.items() if k != "hydra"}, "cells": [r["cell"] for r in rows]})
+    run = start_run(cfg, group=sweep_id, job_type="summary", name=f"{sweep_id}-summary", config=config)
+    if run is None:
+        return None
+    tracker = WandbTracker(run, step_axis=False)  # for its guarded calls
+
+    def log() -> None:
+        import wandb
+
+        table = wandb.Table(columns=TABLE_COLUMNS, data=[[r[c] for c in TABLE_COLUMNS] for r in rows])
+        logged: dict[str, Any] = {"cells": table}
+        for figure, name, title in (("samples_per_s", "throughput", "throughput (samples/s)"),
+                                    ("speedup", "speedup", "speedup"),
+                                    ("efficiency", "efficiency", "scaling efficiency")):
+            xs, ys, keys = sweep_lines(rows, figure)
+            if keys:
+                logged[f"{name}_vs_devices"] = wandb.plot.line_series(
+                    xs=xs, ys=ys, keys=keys, title=f"{sweep_id}: {title} vs devices", xname="devices")
+        run.log(logged)
+        run.summary.update({"cells": len(rows), "cells_ok": sum(r["status"] == "ok" for r in rows)})
+
+    tracker._call(log)
+    where = tracker.run_dir
+    tracker._call(run.finish)
+    return where if tracker.active else None
