@@ -54,6 +54,11 @@ def _hydra_run() -> int:
             if record is not None and record["status"] != "ok":
                 status["code"] = 1
             return
+        if plain["cluster"].get("name") == "slurm" and "SLURM_JOB_ID" not in __import__("os").environ:
+            print("scaling run: cluster=slurm submits through sweeps: `scaling sweep cluster=slurm ...` "
+                  "(one cell is a sweep of one) or `scaling slurm render cluster=slurm ...`", file=sys.stderr)
+            status["code"] = 2
+            return
         try:
             if plain["backend"].get("launcher", "inprocess") == "inprocess":
                 record = worker.run(plain)

@@ -56,8 +56,9 @@ def render_cell(cfg: dict, run_id: str, out_dir: Path) -> Path:
             optional.append(f"#SBATCH {flag}={_directive(slurm[key], f'cluster.{key}')}")
     if gpus:
         optional.append(f"#SBATCH --gpus-per-node={gpus}")
-    for i, line in enumerate(slurm.get("extra_sbatch") or []):
-        optional.append(f"#SBATCH {_directive(line, f'cluster.extra_sbatch[{i}]')}")
+    for key, value in (slurm.get("extra_sbatch") or {}).items():
+        flag = "--" + _directive(key, "cluster.extra_sbatch key").replace("_", "-")
+        optional.append(f"#SBATCH {flag}" if value is True else f"#SBATCH {flag}={_directive(value, f'cluster.extra_sbatch.{key}')}")
     worker = f"{shlex.quote(sys.executable)} -m scaling.worker --config {shlex.quote(str(config_path))}"
     if cfg["backend"].get("launcher") == "horovodrun":
         if int(slurm.get("nodes", 1)) > 1:
@@ -76,7 +77,7 @@ def render_cell(cfg: dict, run_id: str, out_dir: Path) -> Path:
         "nodes": _directive(int(slurm.get("nodes", 1)), "cluster.nodes"),
         "tasks_per_node": tasks_per_node(cfg),
         "cpus_per_task": _directive(int(slurm.get("cpus_per_task") or 1), "cluster.cpus_per_task"),
-        "time_limit": _directive(slurm.get("time") or "01:00:00", "cluster.time"),
+        "time_limit": _directive(int(slurm.get("time_min") or 60), "cluster.time_min"),
         "signal_seconds": _directive(int(slurm.get("signal_seconds") or 120), "cluster.signal_seconds"),
         "log_path": _directive(str((out_dir / f"{run_id}.%j.log").resolve()), "log path"),
         "optional_sbatch": "\n".join(optional),

@@ -67,7 +67,7 @@ def run_cell(cfg: dict[str, Any], task_overrides: list[str], job_num: int) -> di
     if done:
         print(f"{tag}: done already ({done['metrics']['samples_per_s']:,.0f} samples/s), skipped", file=sys.stderr, flush=True)
         return done
-    if cfg["cluster"].get("name") == "submitit":
+    if cfg["cluster"].get("name") == "slurm":
         return _run_in_slurm_task(cfg, tag)
     if cfg["backend"].get("launcher", "inprocess") == "inprocess":
         cfg["backend"] = {**cfg["backend"], "launcher": "process"}  # each cell in a fresh process

@@ -169,6 +169,8 @@ def _handle_slurm_signals(cfg: dict, rank: int, run_id: str | None, interruption
     may never get back to Python before SIGKILL), requeue the job if asked, then unwind."""
 
     def handler(signum: int, frame: Any) -> None:
+        if interruption:  # the first signal told the story (a requeue sends TERM after USR2)
+            raise Interrupted(interruption["message"])
         name = signal.Signals(signum).name
         requeue = bool(cfg.get("cluster", {}).get("requeue")) and signum == signal.SIGUSR2
         action = "left for --resume"
@@ -180,6 +182,7 @@ def _handle_slurm_signals(cfg: dict, rank: int, run_id: str | None, interruption
         interruption.update(signal=name, action=action, job_id=os.environ.get("SLURM_JOB_ID"))
         reason = ("pre-empted: Slurm's time-limit warning (USR2)" if signum == signal.SIGUSR2
                   else "cancelled or pre-empted by Slurm (TERM)")
+        interruption["message"] = f"{reason}; {action}"
         if rank == 0 and run_id:
             record = records.make_record(run_id=run_id, group=cfg.get("group") or "runs", config=cfg,
                                          environment=records.capture_environment(), metrics=None,

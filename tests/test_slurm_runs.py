@@ -125,7 +125,7 @@ def test_cancelled_cell_leaves_a_failed_record_while_the_other_finishes(cluster,
 
 def test_two_cell_sweep_through_submitit(cluster, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    args = [sys.executable, "-m", "scaling", "sweep", "cluster=submitit", "sweep_id=sub", "backend=torch_ddp",
+    args = [sys.executable, "-m", "scaling", "sweep", "cluster=slurm", "sweep_id=sub", "backend=torch_ddp",
             "devices=1", "cluster.nodes=2", "repeat=0,1", f"results_dir={tmp_path}", *QUICK]
     proc = subprocess.run(args, cwd=_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -145,10 +145,43 @@ def test_submitit_cell_with_the_wrong_geometry_says_why(cluster, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     # one multirun, one allocation (sized from the base config: 1 task per node): tf_mirrored fits
     # (one process, 2 devices); torch_ddp needs 2 tasks and must say so rather than train wrongly
-    args = [sys.executable, "-m", "scaling", "sweep", "cluster=submitit", "sweep_id=geo",
+    args = [sys.executable, "-m", "scaling", "sweep", "cluster=slurm", "sweep_id=geo",
             "backend=tf_mirrored,torch_ddp", "devices=2", f"results_dir={tmp_path}", *QUICK]
     subprocess.run(args, cwd=_ROOT, capture_output=True, text=True, timeout=600)
     got = {rec["config"]["backend"]["name"]: rec for _, rec in records.read_records(tmp_path)}
     assert got["tf_mirrored"]["status"] == "ok", got["tf_mirrored"]["error"]
     assert got["torch_ddp"]["status"] == "failed"
     assert "Submitit gives every cell of a multirun the same geometry" in got["torch_ddp"]["error"]
+
+
+@pytest.mark.parametrize("requeue", [False, True])
+def test_preemption_signal_ends_the_cell_cleanly(cluster, tmp_path, requeue):
+    proc, scripts = render(tmp_path, "sweep_id=p", "backend=torch_ddp", "devices=1", "data=synthetic",
+                           "train.epochs=200", f"cluster.requeue={str(requeue).lower()}")
+    assert proc.returncode == 0, proc.stderr
+    rc, job = submit(scripts[0], wait=False)
+    assert rc == 0
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and job_states(job).get(job) != "RUNNING":
+            time.sleep(0.5)
+        time.sleep(8)  # into training
+        # what Slurm sends --signal=USR2@120 before the time limit
+        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+        path = tmp_path / "results" / "p" / f"{scripts[0].stem}.json"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not path.exists():
+            time.sleep(0.5)
+        rec = json.loads(path.read_text())
+        records.validate(rec)
+        assert rec["status"] == "failed" and rec["interruption"]["signal"] == "SIGUSR2"
+        assert "pre-empted" in rec["error"]
+        if requeue:
+            assert rec["interruption"]["action"] == "requeued"
+            show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+            assert "Restarts=1" in show or "REQUEUE" in show or "PENDING" in show, show
+        else:
+            assert rec["interruption"]["action"] == "left for --resume"
+            wait_for_states(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=60)
+    finally:
+        subprocess.run(["scancel", job], timeout=30)
