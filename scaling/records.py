@@ -184,8 +184,23 @@ def slurm_environment() -> dict | None:
     return {k.removeprefix("SLURM_").lower(): os.environ[k] for k in keys if k in os.environ}
 
 
+def nvidia_driver() -> str | None:
+    """The NVIDIA kernel driver's version, where one is loaded."""
+    try:
+        with open("/proc/driver/nvidia/version") as fh:
+            first = fh.readline()
+    except OSError:
+        return None
+    for word in first.split():
+        if word.count(".") >= 1 and word.replace(".", "").isdigit():
+            return word
+    return None
+
+
 def capture_environment(frameworks: dict[str, str] | None = None, gpu: dict | None = None) -> dict:
     """Where and with what a run ran. Backends add their framework versions and GPU facts."""
+    if gpu is not None:
+        gpu = {**gpu, "driver": gpu.get("driver") or nvidia_driver()}
     try:
         import psutil
 

@@ -63,18 +63,18 @@ def test_rank_shards_are_disjoint_and_cover_every_full_batch():
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
-@pytest.mark.parametrize("workload", ["mlp", "cnn"])
-def test_two_workers_train_in_sync(tmp_path, mnist_cache, backend, workload):
+@pytest.mark.parametrize("workload, devices", [("mlp", 2), ("cnn", 2), ("cnn", 1)])
+def test_workers_train_in_sync(tmp_path, mnist_cache, backend, workload, devices):
     pytest.importorskip(BACKENDS[backend][0])
     steps = 20 if workload == "mlp" else 8
-    rec = run_ok(tmp_path, "sync", f"backend={backend}", "devices=2", f"workload={workload}", "train.epochs=2",
-                 f"train.max_steps_per_epoch={steps}", "protocol.warmup_steps=5")
+    rec = run_ok(tmp_path, "sync", f"backend={backend}", f"devices={devices}", f"workload={workload}",
+                 "train.epochs=2", f"train.max_steps_per_epoch={steps}", "protocol.warmup_steps=5")
     m = rec["metrics"]
-    assert m["devices"] == 2 and m["global_batch"] == 128 and m["per_device_batch"] == 64
+    assert m["devices"] == devices and m["global_batch"] == 64 * devices and m["per_device_batch"] == 64
     assert m["steps"] == 2 * steps and len(m["test_accuracy_per_epoch"]) == 2
     # every replica of every rank holds the same parameters at the end
     digests = [d for r in rec["ranks"] for d in r["param_digests"]]
-    assert len(digests) == 2 and len(set(digests)) == 1, rec["ranks"]
+    assert len(digests) == devices and len(set(digests)) == 1, rec["ranks"]
     assert m["ranks_in_sync"] is True
 
 
