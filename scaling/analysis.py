@@ -95,8 +95,8 @@ def load(results_dir: str | Path) -> Loaded:
         out.records.append(record)
         out.paths.append(path)
     for version, count in versions.items():
-        out.problems.append(f"{count} record(s) with schema_version {version!r} skipped: this reader understands version "
-                            f"{SCHEMA_VERSION} only")
+        what = "no schema_version" if version is None else f"schema_version {version!r}"
+        out.problems.append(f"{count} record(s) with {what} skipped: this reader understands version {SCHEMA_VERSION} only")
     return out
 
 
@@ -235,8 +235,8 @@ def aggregate(cells: pd.DataFrame) -> pd.DataFrame:
     agg["throughput_spread"] = (agg["throughput_max"] - agg["throughput_min"]) / agg["throughput"]
     agg = agg.reset_index()
 
-    base = agg[agg["N"] == 1].set_index(CELL_KEYS)
-    joined = agg.join(base[["throughput", "throughput_min", "throughput_max"]], on=CELL_KEYS, rsuffix="_1")
+    base = agg[agg["N"] == 1].set_index(CELL_KEYS)[["throughput", "throughput_min", "throughput_max"]]
+    joined = agg.join(base.add_suffix("_1"), on=CELL_KEYS)
     agg["speedup"] = joined["throughput"] / joined["throughput_1"]
     # the repeat-range of the speedup: worst N-repeat over best 1-repeat, and the other way round
     agg["speedup_min"] = joined["throughput_min"] / joined["throughput_max_1"]

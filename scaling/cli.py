@@ -16,6 +16,12 @@ verbs:
   sweep experiment=NAME [OVERRIDES...] [--resume]
                              run a study's cells (Hydra multirun), skipping finished ones
                              e.g. scaling sweep experiment=local_cpu
+  results list|show|export RESULTS_DIR
+                             sweeps and cells; speedup, efficiency, Karp-Flatt; CSV/Parquet export
+  report RESULTS_DIR [--out DIR]
+                             the self-contained HTML dashboard (and PNG figures)
+  predict RESULTS_DIR [--validate]
+                             fit the scaling model and predict 16..1024 devices
   slurm render [OVERRIDES...] --out DIR
                              write one sbatch script per cell (cluster=slurm settings)
   data fetch|verify|path NAME
@@ -104,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         rest = [a for a in rest if a != "--resume"]
         sys.argv = ["scaling sweep", "--multirun", *rest]
         return _hydra_run()
+    if verb in ("results", "report", "predict"):
+        import importlib
+
+        module, func = {"results": ("scaling.results", "results_command"), "report": ("scaling.report", "report_command"),
+                        "predict": ("scaling.scaling_model", "predict_command")}[verb]
+        return getattr(importlib.import_module(module), func)(rest)
     if verb == "slurm":
         from scaling.slurm import slurm_command
 

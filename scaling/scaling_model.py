@@ -266,8 +266,12 @@ def fit_cell(points: pd.DataFrame, bootstrap: int = BOOTSTRAP, seed: int = 0) ->
     if rank == 3:
         fit.theta = fit_relative(a, t)
         fit.theta_boot = np.stack([fit_relative(a[i], t[i]) for i in boots]) if boots else None
-        if fit.theta[1] == 0 or fit.theta[2] == 0:
-            fit.notes.append("a communication term fitted to zero (bound at 0): the data show no cost of that kind")
+        if fit.theta[1] == 0:
+            fit.notes.append("alpha fitted to 0 (its bound): no per-message latency cost visible in these points")
+        if fit.theta[2] == 0:
+            fit.notes.append("1/beta fitted to 0 (its bound): no bandwidth cost visible, beta unbounded")
+        if fit.theta[0] == 0:
+            fit.notes.append("T_compute fitted to 0 (its bound): the communication terms explain all of the step time")
     elif any(v > 1 for v in distinct):
         fit.notes.append(
             f"alpha and beta are not identifiable from N = {', '.join(map(str, distinct))} (one communication "
@@ -409,12 +413,14 @@ def predict_command(argv: list[str]) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
 
-    from rich.console import Console
+    from rich.markup import escape
 
-    console = Console()
+    from scaling.results import make_console
+
+    console = make_console()
     loaded = analysis.load(args.results_dir)
     for problem in loaded.problems:
-        console.print(f"[yellow]note:[/] {problem}")
+        console.print(f"[yellow]note:[/] {escape(problem)}")
     cells = analysis.tidy(loaded.records, loaded.paths)
     if not cells.empty:
         if args.sweep:
@@ -435,7 +441,7 @@ def predict_command(argv: list[str]) -> int:
         if not validations:
             console.print("[yellow]validation:[/] needs a backend measured at 3 or more device counts")
         for v in validations:
-            console.print(f"[bold]validation[/] {v.summary()}")
+            console.print(f"[bold]validation[/] {escape(v.summary())}")
     return 0
 
 
@@ -464,7 +470,9 @@ def render_fit(fit: Fit, targets: Sequence[int] = DEFAULT_TARGETS):
                else f"{r.get('efficiency_low', math.nan):.1%} .. {r.get('efficiency_high', math.nan):.1%}")
         table.add_row(str(r["N"]), _f(r["throughput"]), f"{_f(r['throughput_low'])} .. {_f(r['throughput_high'])}", eff,
                       _f(r.get("amdahl_throughput", math.nan)), _pct(r.get("amdahl_efficiency", math.nan)))
-    notes = [f"[dim]- {n}[/]" for n in fit.notes]
+    from rich.markup import escape
+
+    notes = [f"[dim]- {escape(n)}[/]" for n in fit.notes]
     return Group(params, *notes, table, "")
 
 
@@ -476,8 +484,18 @@ def fmt_param(name: str, value: float) -> str:
     if name == "beta":
         return f"{value / 1e9:.3g} GB/s"
     if name in ("alpha", "T_compute"):
-        return f"{value * 1e6:.3g} us"
+        return _seconds(value)
     return f"{value:.3g}"
+
+
+def _seconds(value: float) -> str:
+    if value == 0:
+        return "0"
+    if abs(value) < 1e-3:
+        return f"{value * 1e6:.3g} us"
+    if abs(value) < 1:
+        return f"{value * 1e3:.3g} ms"
+    return f"{value:.3g} s"
 
 
 def _f(x: float) -> str:
