@@ -29,7 +29,7 @@ BACKENDS = {  # backend -> framework
 def run(backend: str, devices: int, rep: int, args: argparse.Namespace, results: Path) -> dict:
     name = f"{backend}-n{devices}-r{rep}"
     overrides = [f"backend={backend}", f"devices={devices}", f"workload={args.workload}",
-                 f"train.epochs={args.epochs}", f"results_dir={results}", "progress=false", f"run_name={name}"]
+                 f"train.epochs={args.epochs}", f"results_dir={results}", "progress=false", "logger=none", f"run_name={name}"]
     if args.max_steps:
         overrides.append(f"train.max_steps_per_epoch={args.max_steps}")
     proc = subprocess.run([sys.executable, "-m", "scaling", "run", *overrides], capture_output=True, text=True)

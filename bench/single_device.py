@@ -22,7 +22,7 @@ PAIRS = {"torch": ("torch_textbook", "torch"), "tf": ("tf_textbook", "tf")}
 
 def run(backend: str, args: argparse.Namespace, results: Path, rep: int) -> dict:
     overrides = [f"backend={backend}", f"workload={args.workload}", f"train.epochs={args.epochs}",
-                 f"results_dir={results}", "progress=false", f"run_name={backend}-{rep}",
+                 f"results_dir={results}", "progress=false", "logger=none", f"run_name={backend}-{rep}",
                  f"device={args.device}"]
     if args.max_steps:
         overrides.append(f"train.max_steps_per_epoch={args.max_steps}")

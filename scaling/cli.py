@@ -93,6 +93,32 @@ def _terminate_as_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _on_slurm(overrides: list[str]) -> bool:
+    from hydra import compose, initialize_config_dir
+
+    from scaling.config import CONF_DIR
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose("config", overrides=[o for o in overrides if "," not in o.split("=", 1)[-1]])
+    return cfg.cluster.name == "slurm"
+
+
+def _slurm_sweep(overrides: list[str]) -> int:
+    """One submitit multirun per allocation geometry, one after another."""
+    import subprocess
+
+    from scaling.slurm import split_sweep
+
+    groups = split_sweep(overrides)
+    code = 0
+    for i, group in enumerate(groups, 1):
+        print(f"[sweep] allocation {i}/{len(groups)}: {' '.join(group)}", file=sys.stderr, flush=True)
+        fixed = [o for o in overrides if o.split("=", 1)[0] not in {g.split("=", 1)[0] for g in group}]
+        done = subprocess.run([sys.executable, "-m", "scaling", "sweep", "--one-geometry", *fixed, *group])
+        code = code or done.returncode
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
 
@@ -108,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     if verb == "sweep":
         # a multirun; rerunning skips finished cells, so --resume is the default behaviour
         rest = [a for a in rest if a != "--resume"]
-        sys.argv = ["scaling sweep", "--multirun", *rest]
+        if "--one-geometry" not in rest and _on_slurm(rest):
+            return _slurm_sweep(rest)
+        sys.argv = ["scaling sweep", "--multirun", *[a for a in rest if a != "--one-geometry"]]
         return _hydra_run()
     if verb in ("results", "report", "predict"):
         import importlib

@@ -127,6 +127,9 @@ def write_record(record: dict, results_dir: str | Path) -> Path:
 def write_json_atomic(path: Path, body: Any) -> None:
     """A temp file in the same folder, fsync, rename over the target: a reader (or a crash) sees
     either no file or the whole file, never half of one."""
+    from scaling.secrets import scrub_secrets
+
+    body = scrub_secrets(body)  # no API key reaches a record, a config snapshot or a report input
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
     try:

@@ -47,6 +47,9 @@ def render_cell(cfg: dict, run_id: str, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = (out_dir / f"{run_id}.json").resolve()
     cfg = {**cfg, "run_name": run_id, "progress": False}
+    from scaling.secrets import scrub_secrets
+
+    cfg = scrub_secrets(cfg)  # the script and its config never carry an API key
     config_path.write_text(json.dumps(cfg, indent=1))
     gpus = int(cfg["devices"]) if slurm.get("gpus", True) else 0
     optional = []
@@ -150,3 +153,44 @@ def slurm_command(argv: list[str]) -> int:
         print("usage: scaling slurm render [OVERRIDES...] --out DIR", file=sys.stderr)
         return 2
     return render_command(argv[1:])
+
+
+def geometry(cfg: dict) -> tuple[int, int, int]:
+    """(nodes, tasks per node, GPUs per node) of a cell's allocation."""
+    gpus = int(cfg["devices"]) if cfg["cluster"].get("gpus", True) else 0
+    return int(cfg["cluster"].get("nodes", 1)), tasks_per_node(cfg), gpus
+
+
+def split_sweep(overrides: list[str]) -> list[list[str]]:
+    """A Slurm sweep as one submitit multirun per allocation geometry.
+
+    Submitit sizes one job array for every cell of a multirun, so cells that need different
+    allocations go to different multiruns. A geometry is fixed by (backend class, devices, nodes),
+    so each group is again a product of axis values: the overrides returned list, per axis, the
+    values the group's cells use, in the sweep's order (repeat stays first, repeats interleave).
+    """
+    from scaling.config import ConfigError, validate
+
+    groups: dict[tuple[int, int, int], list[list[str]]] = {}
+    for cfg, combo in expand(overrides):
+        try:
+            validate(cfg)
+        except ConfigError as exc:
+            print(f"[sweep] skipped {' '.join(combo)}: {exc}", file=sys.stderr)
+            continue
+        if cfg["backend"].get("launcher") == "horovodrun":
+            print(f"[sweep] skipped {' '.join(combo)}: Horovod cells run through `scaling slurm render` "
+                  "(its gloo controller needs horovodrun, which submitit's srun tasks are not)", file=sys.stderr)
+            continue
+        groups.setdefault(geometry(cfg), []).append(combo)
+    runs = []
+    for combos in groups.values():
+        axes: dict[str, list[str]] = {}
+        for combo in combos:
+            for item in combo:
+                key, value = item.split("=", 1)
+                values = axes.setdefault(key, [])
+                if value not in values:
+                    values.append(value)
+        runs.append([f"{k}={','.join(v)}" for k, v in axes.items()])
+    return runs

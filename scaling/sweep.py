@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 import time
@@ -30,12 +31,17 @@ def cell_id(cfg: dict, task_overrides: list[str]) -> str:
     """A readable, stable id: the named axes, plus a short hash of any other override."""
     base = (f"{cfg['backend']['name']}-{cfg['workload']['name']}-{cfg['data']['name']}-{cfg.get('scaling', 'weak')}"
             f"-n{cfg['devices']}x{cfg['cluster']['nodes']}-r{cfg.get('repeat', 0)}")
-    extra = sorted(o.lstrip("+~") for o in task_overrides
-                   if o.lstrip("+~").split("=", 1)[0] not in NAMED + tuple(BOOKKEEPING)
-                   and not o.startswith("hydra."))
+    extra = sorted(o.lstrip("+~") for o in task_overrides if not _bookkeeping(o.lstrip("+~").split("=", 1)[0]))
     if extra:
         base += "-" + hashlib.sha1("\n".join(extra).encode()).hexdigest()[:8]
     return re.sub(r"[^A-Za-z0-9_.=-]", "_", base)
+
+
+def _bookkeeping(key: str) -> bool:
+    """Keys that name the cell already, or say where and how it runs rather than what it measures."""
+    if key in NAMED or key in BOOKKEEPING or key.startswith(("hydra.", "logger.")):
+        return True
+    return key.startswith("cluster.")  # partition, account, time...: where, not what (nodes is NAMED)
 
 
 def finished(results_dir: str | Path, group: str, run_id: str) -> dict | None:
@@ -133,6 +139,18 @@ def summary_table(results_dir: str | Path, sweep_id: str) -> None:
     Console(stderr=True).print(table)
 
 
+def build_dashboard(results_dir: str | Path) -> None:
+    """The local dashboard of everything under results_dir, at <results_dir>/report/index.html."""
+    try:
+        from scaling.report import build
+
+        build(results_dir)
+        print(f"[sweep] dashboard: {Path(results_dir) / 'report' / 'index.html'}", file=sys.stderr, flush=True)
+    except Exception as exc:  # the records are the result; a report problem must not hide them
+        print(f"[sweep] dashboard not built ({type(exc).__name__}: {exc}); run `scaling report {results_dir}`",
+              file=sys.stderr, flush=True)
+
+
 try:
     from hydra.experimental.callback import Callback
 except ImportError:  # pragma: no cover - hydra is a core dependency
@@ -144,6 +162,8 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config, **kwargs) -> None:
         summary_table(config.results_dir, config.get("sweep_id") or "adhoc")
+        if not os.environ.get("SLURM_JOB_ID"):
+            build_dashboard(config.results_dir)
         if (config.get("logger") or {}).get("name") == "wandb":
             from scaling.tracking import log_sweep_summary
 

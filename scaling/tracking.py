@@ -30,86 +30,7 @@ from typing import Any, Iterator
 from scaling import records
 from scaling.protocol import Observer
 
-REDACTED = "***"
-#: a mapping key whose string value is a secret (api_key, WANDB_API_KEY, auth_token, password)
-_SECRET_NAME = re.compile(r"(?i)(?:^|[_.\-])(?:api[_-]?key|access[_-]?key|token|password|passwd|secret)(?:$|[_.\-])")
-#: ``name=value`` / ``name: value`` inside a string (argv, an error message) naming a secret
-_SECRET_ASSIGN = re.compile(
-    r"(?i)((?:^|(?<=[^a-z0-9])|(?<=_))(?:api[_-]?key|access[_-]?key|token|password|passwd|secret)"
-    r"(?![a-z0-9])[\w.\-]*\s*[=:]\s*)([^\s,;'\"&]+)")
-#: environment variables whose values are always secrets, even when no mapping key names them
-_SECRET_ENV = ("WANDB_API_KEY",)
-
-
-# -- secrets ----------------------------------------------------------------------------------
-
-def known_secrets() -> set[str]:
-    """Secret values this process can see: W&B's key (environment or ~/.netrc) and any other
-    environment variable named like a secret."""
-    found = {os.environ.get(k, "") for k in _SECRET_ENV}
-    found |= {v for k, v in os.environ.items() if _SECRET_NAME.search(k)}
-    key = _netrc_key()
-    if key:
-        found.add(key)
-    return {s for s in found if len(s) >= 8}  # a short value would redact ordinary words
-
-
-def scrub_secrets(obj: Any, secrets: set[str] | None = None) -> Any:
-    """A copy of ``obj`` (dicts, lists, strings) with every secret replaced by ``***``.
-
-    Redacts: the string value of any key named like a secret (``api_key``, ``WANDB_API_KEY``,
-    ``token``, ``password``, ``secret``); every occurrence of a known secret value (the W&B key,
-    see :func:`known_secrets`, and the values just found under secret-named keys) in any string;
-    and ``name=value`` assignments of secret-named settings inside strings (argv, error text).
-    Numbers and other scalars pass unchanged. Pure Python, no W&B import: records can call it.
-    """
-    values = set(known_secrets() if secrets is None else secrets)
-    _collect_named(obj, values)
-    ordered = sorted((v for v in values if v), key=len, reverse=True)
-    return _scrub(obj, ordered)
-
-
-def _collect_named(obj: Any, into: set[str]) -> None:
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if isinstance(v, str) and v and _SECRET_NAME.search(str(k)):
-                into.add(v)
-            else:
-                _collect_named(v, into)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _collect_named(v, into)
-    elif isinstance(obj, str):
-        for m in _SECRET_ASSIGN.finditer(obj):
-            into.add(m.group(2))
-
-
-def _scrub(obj: Any, secrets: list[str]) -> Any:
-    if isinstance(obj, dict):
-        return {k: (REDACTED if isinstance(v, str) and v and _SECRET_NAME.search(str(k)) else _scrub(v, secrets))
-                for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_scrub(v, secrets) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_scrub(v, secrets) for v in obj)
-    if isinstance(obj, str):
-        for s in secrets:
-            obj = obj.replace(s, REDACTED)
-        return _SECRET_ASSIGN.sub(lambda m: m.group(1) + REDACTED, obj)
-    return obj
-
-
-def _netrc_key() -> str | None:
-    """The W&B key ``wandb login`` stored in ~/.netrc (or $NETRC) for the W&B host, if any."""
-    try:
-        import netrc
-        from urllib.parse import urlparse
-
-        host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
-        auth = netrc.netrc(os.environ.get("NETRC") or None).authenticators(host)
-        return auth[2] if auth else None
-    except Exception:  # no netrc, unreadable or malformed: no key from there
-        return None
+from scaling.secrets import REDACTED, _netrc_key, known_secrets, scrub_secrets  # noqa: F401  (re-exported)
 
 
 # -- modes and directories --------------------------------------------------------------------
@@ -125,6 +46,8 @@ def resolve_mode(mode: str | None) -> str:
     """``auto``: $WANDB_MODE when set, else online with an API key configured, else offline."""
     mode = (mode or "auto").lower()
     if mode == "auto":
+        if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
+            return "disabled"
         env = os.environ.get("WANDB_MODE", "").lower()
         if env:
             return {"dryrun": "offline", "run": "online", "disable": "disabled"}.get(env, env)
@@ -181,7 +104,7 @@ def _init(lcfg: dict, mode: str, results_dir: str | Path, **kwargs: Any):
         init_timeout=float(lcfg.get("init_timeout", 30)),
         finish_timeout=float(lcfg.get("finish_timeout", 60)),
         console="off",  # the launcher keeps the run's log; W&B need not wrap stdout
-        quiet=True,
+        silent=True,  # one line of ours instead (make_tracker, start_run's warnings)
         x_disable_stats=not lcfg.get("system_metrics", False),
         disable_git=True,
         save_code=False,
@@ -226,8 +149,7 @@ def start_run(cfg: dict, **kwargs: Any):
         _warn(f"could not start an online run ({first}) nor an offline one ({_first_line(exc)}); "
               "not logging this run, the local record is kept")
         return None
-    _warn(f"could not start an online run ({first}); logging offline to {run.dir and Path(run.dir).parent}, "
-          f"upload it later with `wandb sync {Path(run.dir).parent}`")
+    _warn(f"could not start an online run ({first}); logging offline instead")
     return run
 
 
@@ -321,7 +243,19 @@ def make_tracker(cfg: dict, run_id: str, group: str) -> WandbTracker | None:
     """The cell's W&B run (rank 0 calls this), or None when ``logger`` is not wandb or W&B fails."""
     config = scrub_secrets({**cfg, "environment": records.capture_environment()})
     run = start_run(cfg, group=group, job_type=cfg["backend"]["name"], name=run_id, config=config)
-    return WandbTracker(run) if run is not None else None
+    if run is None:
+        return None
+    tracker = WandbTracker(run)
+    _say_where(run, tracker.run_dir)
+    return tracker
+
+
+def _say_where(run: Any, run_dir: Path | None) -> None:
+    try:
+        where = f"offline run {run_dir} (upload: wandb sync {run_dir})" if run.offline else f"run {run.url}"
+    except Exception:
+        where = f"run {run_dir}"
+    print(f"scaling: W&B {where}", file=sys.stderr, flush=True)
 
 
 # -- one summary run per sweep ----------------------------------------------------------------
@@ -399,12 +333,18 @@ def log_sweep_summary(cfg: Any, sweep_id: str) -> Path | None:
 
 
 def _plain(cfg: Any) -> dict:
+    """The sweep's config as a dict, with the command line's overrides (the swept axes)."""
     if isinstance(cfg, dict):
         return cfg
     from omegaconf import OmegaConf
 
     # the hydra node resolves only inside a job; the sweep's own keys are what the summary needs
-    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    try:
+        plain["overrides"] = [str(o) for o in cfg.hydra.overrides.task]
+    except Exception:  # no hydra node (a plain call): the config alone
+        pass
+    return plain
 
 
 def _log_sweep_summary(cfg: dict, sweep_id: str) -> Path | None:
@@ -437,5 +377,7 @@ def _log_sweep_summary(cfg: dict, sweep_id: str) -> Path | None:
 
     tracker._call(log)
     where = tracker.run_dir
+    if tracker.active:
+        _say_where(run, where)
     tracker._call(run.finish)
     return where if tracker.active else None

@@ -3,7 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+
 import pytest
+
+# Tests measure nothing through W&B unless they ask for it (tests/test_tracking.py does, with an
+# explicit logger.mode): the default logger stays out of every other test's runs.
+os.environ.setdefault("WANDB_MODE", "disabled")
 
 
 # ---- data (scaling/data.py) -----------------------------------------------------------------

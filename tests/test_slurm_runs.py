@@ -143,9 +143,9 @@ def test_two_cell_sweep_through_submitit(cluster, tmp_path):
 
 def test_submitit_cell_with_the_wrong_geometry_says_why(cluster, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    # one multirun, one allocation (sized from the base config: 1 task per node): tf_mirrored fits
+    # forced into one multirun, one allocation (sized from the base config: 1 task per node): tf_mirrored fits
     # (one process, 2 devices); torch_ddp needs 2 tasks and must say so rather than train wrongly
-    args = [sys.executable, "-m", "scaling", "sweep", "cluster=slurm", "sweep_id=geo",
+    args = [sys.executable, "-m", "scaling", "sweep", "--one-geometry", "cluster=slurm", "sweep_id=geo",
             "backend=tf_mirrored,torch_ddp", "devices=2", f"results_dir={tmp_path}", *QUICK]
     subprocess.run(args, cwd=_ROOT, capture_output=True, text=True, timeout=600)
     got = {rec["config"]["backend"]["name"]: rec for _, rec in records.read_records(tmp_path)}
@@ -185,3 +185,17 @@ def test_preemption_signal_ends_the_cell_cleanly(cluster, tmp_path, requeue):
             wait_for_states(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=60)
     finally:
         subprocess.run(["scancel", job], timeout=30)
+
+
+def test_mixed_geometry_sweep_is_split_into_one_job_array_per_allocation(cluster, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    args = [sys.executable, "-m", "scaling", "sweep", "cluster=slurm", "sweep_id=mixed",
+            "backend=tf_mirrored,torch_ddp,horovod_torch", "devices=2", f"results_dir={tmp_path}", *QUICK]
+    proc = subprocess.run(args, cwd=_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "allocation 1/2" in proc.stderr and "allocation 2/2" in proc.stderr
+    assert "Horovod cells run through `scaling slurm render`" in proc.stderr
+    got = {rec["config"]["backend"]["name"]: rec for _, rec in records.read_records(tmp_path)}
+    assert set(got) == {"tf_mirrored", "torch_ddp"}
+    assert all(rec["status"] == "ok" for rec in got.values()), {k: r["error"] for k, r in got.items()}
+    assert got["torch_ddp"]["environment"]["world_size"] == 2
