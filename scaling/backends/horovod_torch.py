@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import horovod.torch as hvd
 import torch
-import torch.nn.functional as F
 
 from scaling.backends import RunContext
 from scaling.backends import torch_common as tc
 from scaling.backends.torch_ddp import param_digest
-from scaling.data import epoch_permutation, rank_shard
 from scaling.protocol import Measurement, drive
 from scaling.workloads import torch_models
 
@@ -44,47 +42,20 @@ class HorovodTorch:
         hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
         hvd.broadcast_optimizer_state(self.optimizer, root_rank=0)
         torch.manual_seed(cfg["seed"] * 1000 + self.rank)  # dropout masks differ per rank
-        self._shard: torch.Tensor | None = None
-        self._cursor = 0
-        self._step = 0
+        self.steps = tc.ShardedSteps(self.model, self.optimizer, self.x, self.y, g, cfg["seed"], self.rank)
 
     def begin_epoch(self, epoch: int) -> None:
-        perm = epoch_permutation(self.x.shape[0], self.ctx.config["seed"], epoch)
-        self._shard = torch.from_numpy(rank_shard(perm, self.global_batch, self.rank, self.per_device_batch)).to(self.device)
-        self._cursor = 0
-        self.model.train()
+        self.steps.begin_epoch(epoch)
 
     def train_steps(self, n: int) -> None:
-        b = self.per_device_batch
-        for _ in range(n):
-            if self._step < self.geometry.lr_warmup_steps:
-                self.optimizer.param_groups[0]["lr"] = self.geometry.lr_at(self._step)
-            self._step += 1
-            idx = self._shard[self._cursor:self._cursor + b]
-            self._cursor += b
-            loss = F.nll_loss(self.model(self.x.index_select(0, idx)), self.y.index_select(0, idx))
-            self.optimizer.zero_grad()
-            loss.backward()
-            self.optimizer.step()
-        self._last_loss = loss
+        self.steps.run(n)
 
     def loss(self) -> float:
-        return float(hvd.allreduce(self._last_loss.detach(), op=hvd.Average, name="train_loss"))
+        return float(hvd.allreduce(self.steps.last_loss.detach(), op=hvd.Average, name="train_loss"))
 
-    @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
-        n = self.test_x.shape[0]
-        lo, hi = n * self.rank // self.world, n * (self.rank + 1) // self.world
-        self.model.eval()
-        sums = torch.zeros(2, dtype=torch.float64)
-        for start in range(lo, hi, 1000):
-            out = self.model(self.test_x[start:min(start + 1000, hi)])
-            target = self.test_y[start:min(start + 1000, hi)]
-            sums[0] += F.nll_loss(out, target, reduction="sum").double().cpu()
-            sums[1] += (out.argmax(1) == target).sum().cpu()
-        self.model.train()
-        sums = hvd.allreduce(sums, op=hvd.Sum, name="eval_sums")
-        return float(sums[0]) / n, float(sums[1]) / n
+        return tc.sharded_evaluate(self.model, self.test_x, self.test_y, self.rank, self.world,
+                                   lambda t: hvd.allreduce(t.cpu(), op=hvd.Sum, name="eval_sums"))
 
     def sync(self) -> None:
         tc.sync(self.device)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from scaling.backends import RunContext
 from scaling.backends import torch_common as tc
-from scaling.backends.torch_ddp import param_digest, process_group_backend, sharded_evaluate
+from scaling.backends.torch_ddp import _dist_sum, param_digest, process_group_backend
 from scaling.data import epoch_permutation, rank_shard
 from scaling.protocol import Measurement
 from scaling.workloads import torch_models
@@ -131,7 +131,7 @@ class LightningDDP:
         self.limit = limit
 
     def evaluate(self) -> tuple[float, float]:
-        return sharded_evaluate(self.model, self.test_x, self.test_y, self.rank, self.world)
+        return tc.sharded_evaluate(self.model, self.test_x, self.test_y, self.rank, self.world, _dist_sum)
 
     def sync(self) -> None:
         tc.sync(self.device)

@@ -74,3 +74,67 @@ def environment(device: torch.device) -> dict:
             "cudnn": torch.backends.cudnn.version(),
         }
     return env
+
+
+class ShardedSteps:
+    """The device-resident training step the torch backends share: each epoch's permutation,
+    this rank's slice of every global batch (``rank_shard``), the classic
+    ``forward / nll_loss / zero_grad / backward / step``, and the learning-rate warm-up.
+
+    A single device is rank 0 of 1. The backends differ only in what they wrap around the model
+    (DDP) or the optimizer (Horovod).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                 geometry, seed: int, rank: int = 0) -> None:
+        self.model, self.optimizer, self.x, self.y = model, optimizer, x, y
+        self.geometry, self.seed, self.rank = geometry, seed, rank
+        self.b = geometry.per_device_batch
+        self.shard: torch.Tensor | None = None
+        self.cursor = 0
+        self.step = 0
+        self.last_loss: torch.Tensor | None = None
+
+    def begin_epoch(self, epoch: int) -> None:
+        from scaling.data import epoch_permutation, rank_shard
+
+        perm = epoch_permutation(self.x.shape[0], self.seed, epoch)
+        shard = rank_shard(perm, self.geometry.global_batch, self.rank, self.b)
+        self.shard = torch.from_numpy(shard).to(self.x.device)
+        self.cursor = 0
+        self.model.train()
+
+    def run(self, n: int) -> None:
+        b, g = self.b, self.geometry
+        for _ in range(n):
+            if self.step < g.lr_warmup_steps:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = g.lr_at(self.step)
+            self.step += 1
+            idx = self.shard[self.cursor:self.cursor + b]
+            self.cursor += b
+            loss = torch.nn.functional.nll_loss(self.model(self.x.index_select(0, idx)), self.y.index_select(0, idx))
+            self.optimizer.zero_grad()  # set_to_none, torch's default (Horovod's wrapper takes no argument)
+            loss.backward()
+            self.optimizer.step()
+        self.last_loss = loss
+
+
+@torch.no_grad()
+def sharded_evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, rank: int, world: int,
+                     all_reduce_sum) -> tuple[float, float]:
+    """Each rank evaluates its contiguous slice of the test set; ``all_reduce_sum`` adds the
+    (loss, correct) sums over ranks (``torch.distributed`` or Horovod)."""
+    n = x.shape[0]
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=x.device)
+    for start in range(lo, hi, 1000):
+        out = model(x[start:min(start + 1000, hi)])
+        target = y[start:min(start + 1000, hi)]
+        sums[0] += torch.nn.functional.nll_loss(out, target, reduction="sum").double()
+        sums[1] += (out.argmax(1) == target).sum()
+    model.train(was_training)
+    sums = all_reduce_sum(sums)
+    return float(sums[0]) / n, float(sums[1]) / n

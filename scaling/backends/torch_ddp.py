@@ -13,12 +13,10 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scaling.backends import RunContext
 from scaling.backends import torch_common as tc
-from scaling.data import epoch_permutation, rank_shard
 from scaling.protocol import Measurement, drive
 from scaling.workloads import torch_models
 
@@ -49,22 +47,9 @@ def param_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-@torch.no_grad()
-def sharded_evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, rank: int, world: int) -> tuple[float, float]:
-    """Each rank evaluates its contiguous slice of the test set; the sums are all-reduced."""
-    n = x.shape[0]
-    lo, hi = n * rank // world, n * (rank + 1) // world
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=x.device)
-    for start in range(lo, hi, 1000):
-        out = model(x[start:min(start + 1000, hi)])
-        target = y[start:min(start + 1000, hi)]
-        sums[0] += F.nll_loss(out, target, reduction="sum").double()
-        sums[1] += (out.argmax(1) == target).sum()
-    model.train(was_training)
-    dist.all_reduce(sums)
-    return float(sums[0]) / n, float(sums[1]) / n
+def _dist_sum(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t)
+    return t
 
 
 class TorchDDP:
@@ -96,34 +81,17 @@ class TorchDDP:
             torch.cuda.set_device(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=g.lr_at(0))
         torch.manual_seed(cfg["seed"] * 1000 + self.rank)  # dropout masks differ per rank
-        self._shard: torch.Tensor | None = None
-        self._cursor = 0
-        self._step = 0
+        self.steps = tc.ShardedSteps(self.model, self.optimizer, self.x, self.y, g, cfg["seed"], self.rank)
 
     def begin_epoch(self, epoch: int) -> None:
-        perm = epoch_permutation(self.x.shape[0], self.ctx.config["seed"], epoch)
-        shard = rank_shard(perm, self.global_batch, self.rank, self.per_device_batch)
-        self._shard = torch.from_numpy(shard).to(self.device)
-        self._cursor = 0
-        self.model.train()
+        self.steps.begin_epoch(epoch)
 
     def train_steps(self, n: int) -> None:
-        b = self.per_device_batch
-        for _ in range(n):
-            if self._step < self.geometry.lr_warmup_steps:
-                self.optimizer.param_groups[0]["lr"] = self.geometry.lr_at(self._step)
-            self._step += 1
-            idx = self._shard[self._cursor:self._cursor + b]
-            self._cursor += b
-            loss = F.nll_loss(self.model(self.x.index_select(0, idx)), self.y.index_select(0, idx))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-        self._last_loss = loss
+        self.steps.run(n)
 
     def loss(self) -> float:
         """The global batch's mean loss (an all-reduce, made only at logging steps)."""
-        value = self._last_loss.detach().clone()
+        value = self.steps.last_loss.detach().clone()
         dist.all_reduce(value)
         return float(value.item()) / self.world
 
@@ -131,7 +99,7 @@ class TorchDDP:
         tc.sync(self.device)
 
     def evaluate(self) -> tuple[float, float]:
-        return sharded_evaluate(self.model.module, self.test_x, self.test_y, self.rank, self.world)
+        return tc.sharded_evaluate(self.model.module, self.test_x, self.test_y, self.rank, self.world, _dist_sum)
 
     def device_memory_peak(self) -> int | None:
         return tc.device_memory_peak(self.device)

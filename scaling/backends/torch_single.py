@@ -6,11 +6,9 @@ device copies per step. ``fast=compile`` wraps the model in ``torch.compile``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from scaling.backends import RunContext
 from scaling.backends import torch_common as tc
-from scaling.data import epoch_permutation
 from scaling.protocol import Measurement, drive
 from scaling.workloads import torch_models
 
@@ -35,33 +33,16 @@ class TorchSingleDevice:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=ctx.geometry.lr_at(0))
         fast = cfg["backend"].get("fast") or "none"
         self.step_model = torch.compile(self.model) if fast == "compile" else self.model
-        self._perm: torch.Tensor | None = None
-        self._cursor = 0
-        self._step = 0
+        self.steps = tc.ShardedSteps(self.step_model, self.optimizer, self.x, self.y, ctx.geometry, cfg["seed"])
 
     def begin_epoch(self, epoch: int) -> None:
-        perm = epoch_permutation(self.x.shape[0], self.ctx.config["seed"], epoch)
-        self._perm = torch.from_numpy(perm).to(self.device)
-        self._cursor = 0
-        self.model.train()
+        self.steps.begin_epoch(epoch)
 
     def train_steps(self, n: int) -> None:
-        b = self.global_batch
-        for _ in range(n):
-            if self._step < self.geometry.lr_warmup_steps:
-                self.optimizer.param_groups[0]["lr"] = self.geometry.lr_at(self._step)
-            self._step += 1
-            idx = self._perm[self._cursor:self._cursor + b]
-            self._cursor += b
-            out = self.step_model(self.x.index_select(0, idx))
-            loss = F.nll_loss(out, self.y.index_select(0, idx))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-        self._last_loss = loss
+        self.steps.run(n)
 
     def loss(self) -> float:
-        return float(self._last_loss.item())
+        return float(self.steps.last_loss.item())
 
     def sync(self) -> None:
         tc.sync(self.device)
