@@ -23,7 +23,7 @@ from scaling.config import CONF_DIR
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "cell.sbatch"
 ROOT = TEMPLATE.parent.parent
-PER_NODE = ("process", "inprocess", "tf_config", "horovodrun")  # one task per node
+PER_NODE = ("process", "inprocess", "tf_config")  # launchers whose backend runs one task per node
 
 
 class RenderError(ValueError):
@@ -64,13 +64,14 @@ def render_cell(cfg: dict, run_id: str, out_dir: Path) -> Path:
         optional.append(f"#SBATCH {flag}" if value is True else f"#SBATCH {flag}={_directive(value, f'cluster.extra_sbatch.{key}')}")
     worker = f"{shlex.quote(sys.executable)} -m scaling.worker --config {shlex.quote(str(config_path))}"
     if cfg["backend"].get("launcher") == "horovodrun":
-        if int(slurm.get("nodes", 1)) > 1:
-            raise RenderError(f"backend={cfg['backend']['name']} on {slurm['nodes']} nodes: this Horovod build's gloo "
-                              "controller starts remote ranks through horovodrun over ssh, and srun would need MPI. "
-                              "Fix: cluster.nodes=1 (horovodrun inside the node)")
-        n = int(cfg["devices"])
-        comment = "# Horovod (gloo): horovodrun starts one rank per device inside the node"
-        command = f"horovodrun --gloo -np {n} -H localhost:{n} {worker}"
+        port_file = f'{shlex.quote(str(out_dir.resolve() / run_id))}."$SLURM_JOB_ID".rendezvous' 
+        comment = ("# Horovod (gloo): its rendezvous server runs here (horovodrun's job), srun starts one rank per device\n"
+                   f"export SCALING_HOROVOD_PORT_FILE={port_file}\n"
+                   "export HOROVOD_GLOO_IFACE=$(ip -o route get \"$MASTER_ADDR\" | sed -n 's/.* dev \\([^ ]*\\).*/\\1/p')\n"
+                   f"{shlex.quote(sys.executable)} -m launch.horovod_slurm serve --port-file \"$SCALING_HOROVOD_PORT_FILE\" "
+                   f"--tasks-per-node {tasks_per_node(cfg)} &\n"
+                   "rendezvous=$!\ntrap 'kill $rendezvous 2>/dev/null; rm -f \"$SCALING_HOROVOD_PORT_FILE\"' EXIT")
+        command = f"srun --kill-on-bad-exit=1 {worker}"
     else:
         comment = "# one task per device (torch DDP, Lightning) or per node (TF): srun starts them all"
         command = f"srun --kill-on-bad-exit=1 {worker}"
@@ -178,13 +179,9 @@ def split_sweep(overrides: list[str]) -> list[list[str]]:
         except ConfigError as exc:
             print(f"[sweep] skipped {' '.join(combo)}: {exc}", file=sys.stderr)
             continue
-        if cfg["backend"].get("launcher") == "horovodrun":
-            print(f"[sweep] skipped {' '.join(combo)}: Horovod cells run through `scaling slurm render` "
-                  "(its gloo controller needs horovodrun, which submitit's srun tasks are not)", file=sys.stderr)
-            continue
         groups.setdefault(geometry(cfg), []).append(combo)
     runs = []
-    for combos in groups.values():
+    for (nodes, tasks, gpus), combos in groups.items():
         axes: dict[str, list[str]] = {}
         for combo in combos:
             for item in combo:
@@ -192,5 +189,8 @@ def split_sweep(overrides: list[str]) -> list[list[str]]:
                 values = axes.setdefault(key, [])
                 if value not in values:
                     values.append(value)
-        runs.append([f"{k}={','.join(v)}" for k, v in axes.items()])
+        # the allocation itself, stated: the multirun's base config may name another backend
+        pinned = [f"hydra.launcher.nodes={nodes}", f"hydra.launcher.tasks_per_node={tasks}",
+                  f"hydra.launcher.gpus_per_node={gpus or 'null'}"]
+        runs.append([f"{k}={','.join(v)}" for k, v in axes.items()] + pinned)
     return runs

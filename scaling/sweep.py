@@ -100,8 +100,6 @@ def _run_in_slurm_task(cfg: dict, tag: str) -> dict | None:
     want_nodes, want_tasks = int(cfg["cluster"]["nodes"]), tasks_per_node(cfg)
     got_nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", "1")))
     got_tasks = int(os.environ.get("SLURM_NTASKS", "1")) // max(1, got_nodes)
-    if cfg["backend"].get("launcher") == "horovodrun":
-        raise RuntimeError("Horovod cells cannot run through submitit (gloo needs horovodrun); use scaling slurm render")
     if (got_nodes, got_tasks) != (want_nodes, want_tasks):
         message = (f"this cell needs {want_nodes} node(s) x {want_tasks} task(s); the sweep's allocation has "
                    f"{got_nodes} x {got_tasks}. Submitit gives every cell of a multirun the same geometry: "

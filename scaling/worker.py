@@ -73,6 +73,8 @@ def run(cfg: dict[str, Any]) -> dict:
     if "SLURM_JOB_ID" in os.environ:
         _handle_slurm_signals(cfg, rank, run_id, interruption)
         slurm_rendezvous()
+        if cfg["backend"].get("launcher") == "horovodrun" and "HOROVOD_RANK" not in os.environ:
+            _horovod_under_srun(cfg, run_id)
     try:
         from scaling import data
         from scaling.backends import RunContext, load_backend
@@ -158,6 +160,23 @@ def slurm_rendezvous() -> None:
         return
     os.environ["MASTER_ADDR"] = addr
     os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000))
+
+
+def _horovod_under_srun(cfg: dict, run_id: str | None) -> None:
+    """srun started this Horovod rank: join the job's gloo rendezvous (the batch script's server,
+    or under submitit one that rank 0 runs in a thread), as horovodrun would have arranged."""
+    from launch import horovod_slurm
+
+    port_file = os.environ.get("SCALING_HOROVOD_PORT_FILE")
+    if not port_file:
+        port_file = str(Path(cfg["results_dir"]) / (cfg.get("group") or "runs") /
+                        f".{run_id or 'run'}.{os.environ['SLURM_JOB_ID']}.rendezvous")
+        if os.environ.get("SLURM_PROCID", "0") == "0":
+            tasks = int(os.environ["SLURM_NTASKS"]) // int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", "1")))
+            horovod_slurm.serve_in_process(Path(port_file), tasks)
+    addr = os.environ["MASTER_ADDR"]
+    iface = os.environ.get("HOROVOD_GLOO_IFACE") or horovod_slurm.route_iface(addr)
+    os.environ.update(horovod_slurm.horovod_env(Path(port_file), addr, iface))
 
 
 class Interrupted(BaseException):

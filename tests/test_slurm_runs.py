@@ -45,9 +45,10 @@ def submit(script: Path, wait: bool = True) -> tuple[int, str]:
 
 
 def test_two_node_cells_through_rendered_sbatch_scripts(cluster, tmp_path):
-    proc, scripts = render(tmp_path, "sweep_id=sl", "backend=torch_ddp,tf_multiworker", "cluster.nodes=2", *QUICK)
+    proc, scripts = render(tmp_path, "sweep_id=sl", "backend=torch_ddp,tf_multiworker,horovod_torch",
+                           "cluster.nodes=2", *QUICK)
     assert proc.returncode == 0, proc.stderr
-    assert len(scripts) == 2
+    assert len(scripts) == 3
     for script in scripts:
         text = script.read_text()
         assert "#SBATCH --nodes=2" in text and "#SBATCH --ntasks-per-node=1" in text
@@ -56,7 +57,7 @@ def test_two_node_cells_through_rendered_sbatch_scripts(cluster, tmp_path):
         rc, job = submit(script)
         assert rc == 0, (script.read_text(), list(tmp_path.glob("jobs/*.log")))
     found = {rec["config"]["backend"]["name"]: rec for _, rec in records.read_records(tmp_path / "results")}
-    assert set(found) == {"torch_ddp", "tf_multiworker"}
+    assert set(found) == {"torch_ddp", "tf_multiworker", "horovod_torch"}
     for rec in found.values():
         records.validate(rec)
         assert rec["status"] == "ok", rec["error"]
@@ -73,10 +74,11 @@ def test_per_device_backends_run_one_task_per_device(tmp_path):
     text = scripts[0].read_text()
     assert "#SBATCH --ntasks-per-node=4" in text and "#SBATCH --gpus-per-node=4" in text
     assert "#SBATCH --partition=gpu" in text and "srun --kill-on-bad-exit=1" in text
-    _, hvd = render(tmp_path / "h", "backend=horovod_torch", "devices=4", *QUICK)
-    assert "horovodrun --gloo -np 4 -H localhost:4" in hvd[0].read_text()
-    refused, _ = render(tmp_path / "h2", "backend=horovod_tf", "cluster.nodes=2", *QUICK)
-    assert refused.returncode == 2 and "cluster.nodes=1" in refused.stderr
+    _, hvd = render(tmp_path / "h", "backend=horovod_torch", "devices=4", "cluster.nodes=2", *QUICK)
+    text = hvd[0].read_text()
+    assert "#SBATCH --ntasks-per-node=4" in text and "-m launch.horovod_slurm serve" in text
+    assert "srun --kill-on-bad-exit=1" in text
+    assert not [line for line in text.splitlines() if line.startswith("horovodrun")]  # srun starts the ranks
     _, mirrored = render(tmp_path / "m", "backend=tf_mirrored", "devices=4", *QUICK)
     assert "#SBATCH --ntasks-per-node=1" in mirrored[0].read_text()
 
@@ -194,8 +196,8 @@ def test_mixed_geometry_sweep_is_split_into_one_job_array_per_allocation(cluster
     proc = subprocess.run(args, cwd=_ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "allocation 1/2" in proc.stderr and "allocation 2/2" in proc.stderr
-    assert "Horovod cells run through `scaling slurm render`" in proc.stderr
     got = {rec["config"]["backend"]["name"]: rec for _, rec in records.read_records(tmp_path)}
-    assert set(got) == {"tf_mirrored", "torch_ddp"}
+    assert set(got) == {"tf_mirrored", "torch_ddp", "horovod_torch"}
+    assert got["horovod_torch"]["environment"]["world_size"] == 2
     assert all(rec["status"] == "ok" for rec in got.values()), {k: r["error"] for k, r in got.items()}
     assert got["torch_ddp"]["environment"]["world_size"] == 2

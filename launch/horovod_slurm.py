@@ -1,0 +1,102 @@
+"""Horovod ranks started by srun, with the gloo controller.
+
+``horovodrun`` normally runs Horovod's rendezvous server and starts every rank itself (over ssh on
+other nodes). Under Slurm, srun starts the ranks instead: the batch script runs this module's
+server on the first node (``python -m launch.horovod_slurm serve``), which writes its port to a
+file, and each srun task derives its Horovod slot (rank, local and cross ranks, host) from the
+Slurm variables with Horovod's own host-assignment code (``horovod_env``), so the plan the server
+holds and the slots the tasks claim are the same.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def slurm_hosts() -> list[str]:
+    out = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    return out.split()
+
+
+def host_plan(hosts: list[str], tasks_per_node: int):
+    from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
+
+    spec = ",".join(f"{h}:{tasks_per_node}" for h in hosts)
+    return get_host_assignments(parse_hosts(spec), len(hosts) * tasks_per_node)
+
+
+def serve(port_file: Path, tasks_per_node: int) -> None:
+    """Run the rendezvous server for this job until killed (the batch script ends it)."""
+    from horovod.runner.http.http_server import RendezvousServer
+
+    server = RendezvousServer()
+    port = server.start()
+    server.init(host_plan(slurm_hosts(), tasks_per_node))
+    tmp = port_file.with_suffix(".tmp")
+    tmp.write_text(str(port))
+    tmp.replace(port_file)
+    while True:
+        time.sleep(3600)
+
+
+_servers: list = []  # keeps an in-process server (and its thread) alive for the run
+
+
+def serve_in_process(port_file: Path, tasks_per_node: int) -> None:
+    """Rank 0 of a submitit job: the rendezvous server in a thread of this process."""
+    from horovod.runner.http.http_server import RendezvousServer
+
+    server = RendezvousServer()
+    port = server.start()
+    server.init(host_plan(slurm_hosts(), tasks_per_node))
+    _servers.append(server)
+    port_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = port_file.with_suffix(".tmp")
+    tmp.write_text(str(port))
+    tmp.replace(port_file)
+
+
+def route_iface(addr: str) -> str:
+    """The network interface this node uses to reach ``addr`` (Horovod's gloo binds to it)."""
+    try:
+        out = subprocess.run(["ip", "-o", "route", "get", addr], capture_output=True, text=True, timeout=10).stdout.split()
+        return out[out.index("dev") + 1]
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return "lo" if addr.startswith("127.") else "eth0"
+
+
+def horovod_env(port_file: Path, rendezvous_addr: str, iface: str, timeout: float = 120) -> dict[str, str]:
+    """This srun task's Horovod variables: its slot in the plan, and where the rendezvous is."""
+    from horovod.runner.gloo_run import create_slot_env_vars
+
+    deadline = time.monotonic() + timeout
+    while not port_file.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no Horovod rendezvous port in {port_file} after {timeout:.0f} s")
+        time.sleep(0.2)
+    hosts = slurm_hosts()
+    tasks_per_node = int(os.environ["SLURM_NTASKS"]) // len(hosts)
+    slot = host_plan(hosts, tasks_per_node)[int(os.environ["SLURM_PROCID"])]
+    env = create_slot_env_vars(slot)
+    env.update(HOROVOD_GLOO_RENDEZVOUS_ADDR=rendezvous_addr, HOROVOD_GLOO_RENDEZVOUS_PORT=port_file.read_text().strip(),
+               HOROVOD_CONTROLLER="gloo", HOROVOD_CPU_OPERATIONS="gloo", HOROVOD_GLOO_IFACE=iface)
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m launch.horovod_slurm")
+    ap.add_argument("verb", choices=["serve"])
+    ap.add_argument("--port-file", required=True, type=Path)
+    ap.add_argument("--tasks-per-node", required=True, type=int)
+    args = ap.parse_args(argv)
+    serve(args.port_file, args.tasks_per_node)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
