@@ -11,12 +11,11 @@ import torch
 
 from scaling.backends import RunContext
 from scaling.backends import torch_common as tc
-from scaling.backends.torch_ddp import param_digest
 from scaling.protocol import Measurement, drive
 from scaling.workloads import torch_models
 
 
-class HorovodTorch:
+class HorovodTorch(tc.OnTorchDevice):
     devices = 1  # per process
     steps_per_call = 1
 
@@ -56,15 +55,6 @@ class HorovodTorch:
     def evaluate(self) -> tuple[float, float]:
         return tc.sharded_evaluate(self.model, self.test_x, self.test_y, self.rank, self.world,
                                    lambda t: hvd.allreduce(t.cpu(), op=hvd.Sum, name="eval_sums"))
-
-    def sync(self) -> None:
-        tc.sync(self.device)
-
-    def device_memory_peak(self) -> int | None:
-        return tc.device_memory_peak(self.device)
-
-    def param_digests(self) -> list[str]:
-        return [param_digest(self.model)]
 
     def environment(self) -> dict:
         import horovod

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from scaling.backends import RunContext
 from scaling.backends import torch_common as tc
-from scaling.backends.torch_ddp import _dist_sum, param_digest, process_group_backend
+from scaling.backends.torch_ddp import _dist_sum, process_group_backend
 from scaling.data import epoch_permutation, rank_shard
 from scaling.protocol import Measurement
 from scaling.workloads import torch_models
@@ -106,7 +106,7 @@ class ProtocolCallback(pl.Callback):
         self.meter.evaluated(epoch, loss, acc, self.meter.now() - t0)
 
 
-class LightningDDP:
+class LightningDDP(tc.OnTorchDevice):
     devices = 1  # per process
 
     def __init__(self, ctx: RunContext) -> None:
@@ -132,15 +132,6 @@ class LightningDDP:
 
     def evaluate(self) -> tuple[float, float]:
         return tc.sharded_evaluate(self.model, self.test_x, self.test_y, self.rank, self.world, _dist_sum)
-
-    def sync(self) -> None:
-        tc.sync(self.device)
-
-    def device_memory_peak(self) -> int | None:
-        return tc.device_memory_peak(self.device)
-
-    def param_digests(self) -> list[str]:
-        return [param_digest(self.model)]
 
     def environment(self) -> dict:
         env = tc.environment(self.device)

@@ -138,3 +138,29 @@ def sharded_evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, r
     model.train(was_training)
     sums = all_reduce_sum(sums)
     return float(sums[0]) / n, float(sums[1]) / n
+
+
+class OnTorchDevice:
+    """What every torch backend answers the same way about its device: ``self.device`` and
+    ``self.model`` (the bare model; DDP backends point ``digest_model`` at the wrapped module)."""
+
+    device: torch.device
+    model: torch.nn.Module
+
+    @property
+    def digest_model(self) -> torch.nn.Module:
+        return self.model
+
+    def sync(self) -> None:
+        sync(self.device)
+
+    def device_memory_peak(self) -> int | None:
+        return device_memory_peak(self.device)
+
+    def param_digests(self) -> list[str]:
+        import hashlib
+
+        h = hashlib.sha256()
+        for p in self.digest_model.parameters():
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        return [h.hexdigest()]

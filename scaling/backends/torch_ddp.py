@@ -7,7 +7,6 @@ steps: the expert's loop for a tiny model, with DDP's bucketed all-reduce overla
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from datetime import timedelta
 
@@ -40,19 +39,12 @@ def init_process_group(device: torch.device, rank: int, world: int, requested: s
     return dist.get_backend()
 
 
-def param_digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for p in model.parameters():
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _dist_sum(t: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(t)
     return t
 
 
-class TorchDDP:
+class TorchDDP(tc.OnTorchDevice):
     devices = 1  # per process
     steps_per_call = 1
 
@@ -95,17 +87,12 @@ class TorchDDP:
         dist.all_reduce(value)
         return float(value.item()) / self.world
 
-    def sync(self) -> None:
-        tc.sync(self.device)
-
     def evaluate(self) -> tuple[float, float]:
         return tc.sharded_evaluate(self.model.module, self.test_x, self.test_y, self.rank, self.world, _dist_sum)
 
-    def device_memory_peak(self) -> int | None:
-        return tc.device_memory_peak(self.device)
-
-    def param_digests(self) -> list[str]:
-        return [param_digest(self.model.module)]
+    @property
+    def digest_model(self) -> torch.nn.Module:
+        return self.model.module
 
     def environment(self) -> dict:
         env = tc.environment(self.device)

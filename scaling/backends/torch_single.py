@@ -13,7 +13,7 @@ from scaling.protocol import Measurement, drive
 from scaling.workloads import torch_models
 
 
-class TorchSingleDevice:
+class TorchSingleDevice(tc.OnTorchDevice):
     devices = 1
     steps_per_call = 1
 
@@ -44,14 +44,8 @@ class TorchSingleDevice:
     def loss(self) -> float:
         return float(self.steps.last_loss.item())
 
-    def sync(self) -> None:
-        tc.sync(self.device)
-
     def evaluate(self) -> tuple[float, float]:
         return tc.evaluate(self.model, self.test_x, self.test_y)
-
-    def device_memory_peak(self) -> int | None:
-        return tc.device_memory_peak(self.device)
 
     def environment(self) -> dict:
         return tc.environment(self.device)

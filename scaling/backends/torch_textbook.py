@@ -33,7 +33,7 @@ class ImageDataset(TorchDataset):
         return (x - MEAN) / STD, int(self.labels[i])
 
 
-class TorchTextbook:
+class TorchTextbook(tc.OnTorchDevice):
     devices = 1
 
     def __init__(self, ctx: RunContext) -> None:
@@ -55,12 +55,6 @@ class TorchTextbook:
         self.steps_per_epoch = len(self.loader)
         self.model = torch_models.build(cfg["workload"]["name"], ds.num_classes).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=ctx.geometry.lr)
-
-    def sync(self) -> None:
-        tc.sync(self.device)
-
-    def device_memory_peak(self) -> int | None:
-        return tc.device_memory_peak(self.device)
 
     def environment(self) -> dict:
         return tc.environment(self.device)
