@@ -90,6 +90,18 @@ def _pump(proc: _Proc, log) -> None:
         sys.stderr.flush()
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when this launcher dies, however it dies (torchrun and
+    horovodrun do not stop their workers when their parent is SIGKILLed; the workers then follow
+    their own parent, see scaling.worker.die_with_parent)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _alive(pid: int) -> bool:
     try:
         import psutil
@@ -176,15 +188,18 @@ def launch(cfg: dict[str, Any]) -> dict:
         try:
             for argv, extra in worker_commands(cfg, config_path):
                 popen = subprocess.Popen(argv, env=env | extra, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                         text=True, start_new_session=True)
+                                         text=True, start_new_session=True, preexec_fn=_die_with_parent)
                 procs.append(_Proc(popen))
             for proc in procs:  # threads only after every fork
                 proc.reader = threading.Thread(target=_pump, args=(proc, log), daemon=True)
                 proc.reader.start()
             failure = _supervise(procs, run_dir)
         except BaseException:
+            # workers that had all finished on their own before the interrupt made a whole run
+            finished = bool(procs) and all(p.popen.poll() == 0 for p in procs)
             _stop(procs, run_dir)
-            failure = failure or "launcher interrupted"
+            if not finished:
+                failure = failure or "launcher interrupted"
             _finish(cfg, run_id, group, results, run_dir, procs, failure)
             raise
         if failure:

@@ -118,7 +118,15 @@ def test_killed_driver_loses_no_finished_cell(tmp_path, sig):
                     pids.add(json.loads(f.read_text())["pid"])
                 except (ValueError, OSError):
                     pass
-            if list((tmp_path / "k").glob("*.json")) and pids and list((tmp_path / "k").glob(".*.run/rank0.pid.json")):
+            done = set()
+            for p in (tmp_path / "k").glob("[!.]*.json"):
+                try:
+                    if json.loads(p.read_text()).get("status") == "ok":
+                        done.add(p.stem)
+                except (ValueError, OSError):
+                    pass
+            running = {p.parent.name[1:-len(".run")] for p in (tmp_path / "k").glob(".*.run/rank0.pid.json")}
+            if done and running - done:
                 break
             time.sleep(0.2)
         else:
