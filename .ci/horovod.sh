@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # Builds Horovod 0.28.1 (the last release) from its PyPI sdist against the torch and TensorFlow
-# that are installed (PyTorch + TensorFlow, gloo controller, no MPI, no MXNet, CPU only), caches
-# the wheel, installs it and checks it with a real 2-process allreduce.
+# that are installed (PyTorch + TensorFlow, gloo controller, no MPI, no MXNet), caches the wheel,
+# installs it and checks it with a real 2-process allreduce.
+#
+# GPUs: with a CUDA build of torch installed, the wheel is built with HOROVOD_GPU_OPERATIONS=NCCL
+# (all-reduce of GPU tensors through NCCL; the CUDA toolkit's nvcc and NCCL's headers must be
+# found: set CUDA_HOME, and HOROVOD_NCCL_HOME where NCCL is not under it). Set
+# HOROVOD_GPU_OPERATIONS=none to build the CPU-only wheel anyway. Without TensorFlow (a torch-only
+# GPU node) the wheel is built for PyTorch alone.
 #
 # Idempotent: the wheel is cached under
 #   ${SCALING_WHEEL_CACHE:-$HOME/.cache/scaling/wheels}/horovod-0.28.1-torch<ver>-tf<ver>-<pytag>/
@@ -33,11 +39,24 @@ PY_TAG=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[
 SCRIPTS_DIR=$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
 TORCH_VER=$("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null) \
   || die "torch does not import with $PY_EXE: run .ci/install first"
-TF_VER=$("$PY" -c 'import tensorflow as tf; print(tf.__version__)' 2>/dev/null | tail -n1) \
-  || die "tensorflow does not import with $PY_EXE: run .ci/install first"
-[ -n "$TF_VER" ] || die "could not read tensorflow's version"
+TF_VER=$("$PY" -c 'import tensorflow as tf; print(tf.__version__)' 2>/dev/null | tail -n1) || TF_VER=""
+if [ -n "$TF_VER" ]; then
+  TF_BUILD="HOROVOD_WITH_TENSORFLOW=1"; FRAMEWORKS="torch tensorflow"
+else
+  log "tensorflow does not import with $PY_EXE: building for PyTorch only"
+  TF_VER=none; TF_BUILD="HOROVOD_WITHOUT_TENSORFLOW=1"; FRAMEWORKS="torch"
+fi
+TORCH_CUDA=$("$PY" -c 'import torch; print(torch.version.cuda or "")' 2>/dev/null || true)
+GPU_OPS=${HOROVOD_GPU_OPERATIONS:-}
+if [ -z "$GPU_OPS" ] && [ -n "$TORCH_CUDA" ]; then GPU_OPS=NCCL; fi
+[ "$GPU_OPS" = none ] && GPU_OPS=""
+if [ -n "$GPU_OPS" ]; then
+  command -v nvcc >/dev/null || [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ] \
+    || die "torch $TORCH_VER is a CUDA $TORCH_CUDA build, so Horovod is built with HOROVOD_GPU_OPERATIONS=$GPU_OPS, which needs the CUDA toolkit (nvcc): load it (e.g. module load cuda) or set CUDA_HOME; HOROVOD_GPU_OPERATIONS=none builds a CPU-only wheel"
+  log "GPU build: HOROVOD_GPU_OPERATIONS=$GPU_OPS (torch CUDA $TORCH_CUDA)"
+fi
 
-KEY="horovod-${HVD_VERSION}-torch${TORCH_VER}-tf${TF_VER}-${PY_TAG}"
+KEY="horovod-${HVD_VERSION}-torch${TORCH_VER}-tf${TF_VER}-${PY_TAG}${GPU_OPS:+-$(echo "$GPU_OPS" | tr 'A-Z' 'a-z')}"
 WHEEL_DIR="$CACHE_ROOT/$KEY"
 BUILD_LOG="$CACHE_ROOT/$KEY.build.log"
 mkdir -p "$CACHE_ROOT"
@@ -144,8 +163,9 @@ PATCH
   start=$(date +%s)
   mkdir -p "$WORK/wheel"
   # CMAKE_POLICY_VERSION_MINIMUM: lets a CMake >= 4 configure the bundled gloo (ignored by 3.x).
-  if ! env HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 \
+  if ! env HOROVOD_WITH_PYTORCH=1 "$TF_BUILD" HOROVOD_WITH_GLOO=1 \
          HOROVOD_WITHOUT_MPI=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=gloo \
+         ${GPU_OPS:+HOROVOD_GPU_OPERATIONS=$GPU_OPS} \
          CMAKE_POLICY_VERSION_MINIMUM=3.5 MAKEFLAGS="-j$JOBS" \
          "$PY" -m pip wheel -v --no-build-isolation --no-deps -w "$WORK/wheel" "$SRC" \
          >"$BUILD_LOG" 2>&1; then
@@ -227,13 +247,13 @@ STAMP="$WHEEL_DIR/verified"
 HOROVODRUN="$SCRIPTS_DIR/horovodrun"
 [ -x "$HOROVODRUN" ] || HOROVODRUN=$(command -v horovodrun) || die "horovodrun not found"
 
-log "verifying: import horovod.torch, horovod.tensorflow"
-"$PY" -c "import horovod.torch as hvd; import horovod.tensorflow as hvdtf" >"$WORK/import.log" 2>&1 \
+log "verifying: import $(for fw in $FRAMEWORKS; do printf 'horovod.%s ' "$fw"; done)"
+"$PY" -c "import horovod.torch$([ "$TF_VER" != none ] && echo '; import horovod.tensorflow')" >"$WORK/import.log" 2>&1 \
   || { tail -n 30 "$WORK/import.log" >&2; die "horovod does not import"; }
 
 if [ "$INSTALLED_NOW" = 0 ] && [ "${HOROVOD_VERIFY:-auto}" != full ] \
    && [ "$(cat "$STAMP" 2>/dev/null)" = "$WHEEL_SHA $PY_EXE" ]; then
-  log "ok: horovod $HVD_VERSION (torch $TORCH_VER, tensorflow $TF_VER, gloo) installed; full checks passed before (HOROVOD_VERIFY=full reruns them)"
+  log "ok: horovod $HVD_VERSION (torch $TORCH_VER, tensorflow $TF_VER, gloo${GPU_OPS:+, $GPU_OPS}) installed; full checks passed before (HOROVOD_VERIFY=full reruns them)"
   exit 0
 fi
 
@@ -241,7 +261,7 @@ fi
   || { cat "$WORK/check-build.txt" >&2; die "horovodrun --check-build failed"; }
 # (only the report: TensorFlow's start-up log lines come before it)
 sed -n '/^Horovod v/,$p' "$WORK/check-build.txt" | sed -e 's/[[:space:]]*$//' -e '/^$/d' -e 's/^/[horovod]   /' >&2
-for want in PyTorch TensorFlow Gloo; do
+for want in PyTorch $([ "$TF_VER" != none ] && echo TensorFlow) Gloo $GPU_OPS; do
   grep -q "\[X\] $want" "$WORK/check-build.txt" || die "horovodrun --check-build does not list $want"
 done
 
@@ -277,7 +297,7 @@ assert (abs(got_sum - want_sum) < 1e-6).all(), (got_sum[:3], want_sum)
 print(f"HVDCHECK {framework} rank {r}/{n}: allreduce average {got_avg[0]} sum {got_sum[0]} OK")
 EOF
 
-for fw in torch tensorflow; do
+for fw in $FRAMEWORKS; do
   log "verifying: horovodrun -np 2 -H localhost:2 --gloo (horovod.$fw allreduce)"
   if ! timeout 300 "$HOROVODRUN" -np 2 -H localhost:2 --gloo \
          "$PY_EXE" "$WORK/allreduce_check.py" "$fw" >"$WORK/run-$fw.log" 2>&1; then
@@ -289,4 +309,4 @@ for fw in torch tensorflow; do
   grep -o "HVDCHECK .*OK" "$WORK/run-$fw.log" | sed 's/^HVDCHECK /[horovod]   /' >&2
 done
 echo "$WHEEL_SHA $PY_EXE" >"$STAMP"
-log "ok: horovod $HVD_VERSION (torch $TORCH_VER, tensorflow $TF_VER, gloo) works"
+log "ok: horovod $HVD_VERSION (torch $TORCH_VER, tensorflow $TF_VER, gloo${GPU_OPS:+, $GPU_OPS}) works"

@@ -75,3 +75,20 @@ def validate(cfg: dict) -> None:
         raise ConfigError(str(exc)) from None
     if cfg.get("device") not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device={cfg.get('device')!r}: must be auto, cpu or cuda")
+    _check_fast_mode(cfg)
+    _positive_int(cfg, "protocol.sync_every", allow_none=True)
+
+
+def _check_fast_mode(cfg: dict) -> None:
+    """``backend.fast`` must be one of the backend's ``fast_modes``; graph capture needs a GPU."""
+    backend = cfg["backend"]
+    fast = backend.get("fast")
+    if fast is None:
+        return
+    modes = list(backend.get("fast_modes") or ["none"])
+    if fast not in modes:
+        raise ConfigError(f"backend.fast={fast!r}: backend={backend['name']} offers {', '.join(modes)}. "
+                          f"Fix: backend.fast={modes[0]}" + (f" (or one of {', '.join(modes[1:])})" if len(modes) > 1 else ""))
+    if fast == "graph" and cfg.get("device") == "cpu":
+        raise ConfigError("backend.fast=graph captures the step as a CUDA graph and needs a GPU, not device=cpu. "
+                          "Fix: device=cuda (or auto) on a GPU node, or backend.fast=none|compile")

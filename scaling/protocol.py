@@ -6,7 +6,9 @@ What counts, in every framework alike:
   allocator growth, autotuning);
 - a step is timed from just before the framework is asked for it until the device has finished it
   (``sync``: ``torch.cuda.synchronize`` on GPU, fetching the loss in TF), so asynchronous
-  dispatch cannot make a step look free;
+  dispatch cannot make a step look free. With ``sync_every=K`` and a backend that offers device
+  events (CUDA), the host waits only every K steps and each step's time is read from the device's
+  own timestamps (from the end of the previous step to the end of this one) at that wait;
 - throughput is timed samples over the *wall-clock* of the timed part of each epoch, so time a
   framework's loop spends between steps (input pipeline, callbacks) is paid, not hidden;
 - evaluation runs after every epoch, outside the timed steps, and feeds time-to-accuracy: the
@@ -32,6 +34,8 @@ class ProtocolConfig:
     warmup_steps: int = 20
     target_accuracy: float = 0.97
     log_every: int = 50
+    #: wait for the device every K steps (timing each step by device events where a backend has them)
+    sync_every: int = 1
 
 
 @runtime_checkable
@@ -46,6 +50,17 @@ class SteppedTrainer(Protocol):
     def train_steps(self, n: int) -> None: ...
     def sync(self) -> None: ...
     def evaluate(self) -> tuple[float, float]: ...
+
+
+@runtime_checkable
+class StepEvents(Protocol):
+    """Device timestamps (CUDA events) a backend offers so the host need not wait every step."""
+
+    def mark(self) -> object:
+        """Queue a timestamp behind the work queued so far; returns its handle."""
+
+    def seconds(self, start: object, end: object) -> float:
+        """Device time between two marks; called only after a sync has passed both."""
 
 
 def process_start_time() -> float:
@@ -111,6 +126,7 @@ class Measurement:
         device_memory_peak: Callable[[], int | None] = lambda: None,
         observers: "list[Observer] | tuple[Observer, ...]" = (),
         clock: Callable[[], float] = time.perf_counter,
+        events: StepEvents | None = None,
     ) -> None:
         if global_batch <= 0 or devices <= 0:
             raise ValueError("global_batch and devices must be positive")
@@ -123,6 +139,12 @@ class Measurement:
         self._window: list[float] = []  # timed step times since the last log point
         self._clock = clock
         self._wall_at_clock0 = time.time() - clock()
+        # without device events every step is synchronized, whatever sync_every says
+        self._events = events if config.sync_every > 1 else None
+        self.sync_every = config.sync_every if self._events is not None else 1
+        self._pending: list[tuple[object, int, int, bool]] = []  # (end mark, steps, samples, warm)
+        self._chain_mark: object = None
+        self.syncs = 0
 
         self.step_times: list[float] = []
         self.epoch_times: list[float] = []
@@ -157,28 +179,61 @@ class Measurement:
 
     def step_begin(self) -> None:
         self._step_start = self._clock()
+        if self._events is not None and not self._pending:
+            self._chain_mark = self._events.mark()
 
     def step_end(self, steps: int = 1, samples: int | None = None) -> None:
         """Close a call of ``steps`` optimizer steps (``samples`` global samples; default full batches)."""
-        self._sync()
-        now = self._clock()
         if self._step_start is None:
             raise RuntimeError("step_end without step_begin")
         samples = self.global_batch * steps if samples is None else samples
         warm = self.steps_done >= self.config.warmup_steps
         self.steps_done += steps
-        if warm:
-            per_step = (now - self._step_start) / steps
-            self.step_times.extend([per_step] * steps)
-            self._window.extend([per_step] * steps)
-            self.timed_samples += samples
-            self._last_step_end = now
-        elif self.steps_done >= self.config.warmup_steps:
-            # the warm-up ends with this call: the timed region starts here
-            self._region_start = now
+        if self._events is None:
+            self._sync()
+            self.syncs += 1
+            now = self._clock()
+            if warm:
+                self._timed((now - self._step_start) / steps, steps, samples)
+                self._last_step_end = now
+            elif self.steps_done >= self.config.warmup_steps:
+                # the warm-up ends with this call: the timed region starts here
+                self._region_start = now
+        else:
+            self._pending.append((self._events.mark(), steps, samples, warm))
+            ends_warmup = not warm and self.steps_done >= self.config.warmup_steps
+            if len(self._pending) >= self.sync_every or ends_warmup:
+                self.flush()
         self._step_start = None
         for o in self._observers:
             o.advance(steps)
+        self._log_window(steps)
+
+    def flush(self) -> None:
+        """Wait for the device and time the steps queued since the last wait from their events."""
+        if not self._pending:
+            return
+        self._sync()
+        self.syncs += 1
+        now = self._clock()
+        prev = self._chain_mark
+        for mark, steps, samples, warm in self._pending:
+            if warm:
+                self._timed(self._events.seconds(prev, mark) / steps, steps, samples)
+            prev = mark
+        last_warm = self._pending[-1][3]
+        self._pending.clear()
+        if last_warm:
+            self._last_step_end = now
+        elif self.steps_done >= self.config.warmup_steps:
+            self._region_start = now
+
+    def _timed(self, per_step: float, steps: int, samples: int) -> None:
+        self.step_times.extend([per_step] * steps)
+        self._window.extend([per_step] * steps)
+        self.timed_samples += samples
+
+    def _log_window(self, steps: int) -> None:
         every = self.config.log_every
         if self._observers and every > 0 and self.steps_done // every > (self.steps_done - steps) // every and self._window:
             mean = sum(self._window) / len(self._window)
@@ -199,6 +254,7 @@ class Measurement:
             o.logged(self.steps_done, {"train_loss": float(loss)})
 
     def epoch_end(self, epoch: int) -> None:
+        self.flush()
         now = self._clock()
         assert self._epoch_start is not None, "epoch_end without epoch_begin"
         self.epoch_times.append(now - self._epoch_start)
@@ -247,6 +303,8 @@ class Measurement:
             "timed_samples": self.timed_samples,
             "timed_wall_s": self.timed_wall,
             "step_time_s": summarize(self.step_times),
+            "sync_every": self.sync_every,
+            "syncs": self.syncs,
             "epoch_time_s": self.epoch_times,
             "eval_time_s": self.eval_times,
             "train_time_s": sum(self.epoch_times),

@@ -101,7 +101,8 @@ def run(cfg: dict[str, Any]) -> dict:
             tracker = tracking.make_tracker(cfg, run_id, group)  # None unless logger=wandb
         meter = Measurement(pcfg, global_batch=ctx.geometry.global_batch, devices=ctx.geometry.devices,
                             sync=backend.sync, device_memory_peak=backend.device_memory_peak,
-                            observers=[o for o in (progress, tracker) if o])
+                            observers=[o for o in (progress, tracker) if o],
+                            events=getattr(backend, "step_events", lambda: None)())
         backend.train(meter)
         metrics = meter.result(process_start)
         metrics["steps_per_epoch"] = backend.steps_per_epoch

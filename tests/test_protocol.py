@@ -149,3 +149,51 @@ def test_observers_get_windowed_figures_losses_and_evaluations():
     assert [e[1] for e in logs if "train_loss" in e[2]] == [4, 8]
     assert meter.result()["train_loss"] == [(4, 0.5), (8, 0.5)]
     assert rec.events[0] == ("epoch", 0) and rec.events[-1] == ("eval", 0, 0.5)
+
+
+class FakeEvents:
+    """Device timestamps on the fake clock: a mark is the time its work would finish."""
+
+    def __init__(self, clock):
+        self.clock = clock
+
+    def mark(self):
+        return self.clock.now
+
+    def seconds(self, start, end):
+        return end - start
+
+
+def test_sync_every_k_steps_times_each_step_from_device_events():
+    durations = [0.01 * (1 + i % 3) for i in range(12)]  # 10, 20, 30 ms, repeating
+    clock = FakeClock()
+    synced = []
+    meter = Measurement(ProtocolConfig(warmup_steps=2, sync_every=4), global_batch=8, devices=1,
+                        sync=lambda: synced.append(clock.now), clock=clock, events=FakeEvents(clock))
+    meter.epoch_begin(0)
+    for d in durations:
+        meter.step_begin()
+        clock.now += d
+        meter.step_end()
+    meter.epoch_end(0)
+    r = meter.result()
+    # every timed step keeps its own duration, though the host waited only at the warm-up's end,
+    # then every 4 steps, and at the epoch's end
+    assert meter.step_times == pytest.approx(durations[2:])
+    assert r["sync_every"] == 4 and r["syncs"] == len(synced) == 1 + 3
+    assert r["timed_wall_s"] == pytest.approx(sum(durations[2:]))
+    assert r["samples_per_s"] == pytest.approx(10 * 8 / sum(durations[2:]))
+
+
+def test_sync_every_without_device_events_syncs_every_step():
+    clock = FakeClock()
+    synced = []
+    meter = Measurement(ProtocolConfig(warmup_steps=0, sync_every=8), global_batch=8, devices=1,
+                        sync=lambda: synced.append(1), clock=clock)
+    meter.epoch_begin(0)
+    for _ in range(5):
+        meter.step_begin()
+        clock.now += 0.01
+        meter.step_end()
+    meter.epoch_end(0)
+    assert len(synced) == 5 and meter.result()["sync_every"] == 1

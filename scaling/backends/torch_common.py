@@ -27,6 +27,13 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def check_fast_mode(fast: str, device: torch.device) -> None:
+    """Refuse, before any data moves, a fast mode this device cannot run (never a silent fallback)."""
+    if fast == "graph" and device.type != "cuda":
+        raise RuntimeError(f"backend.fast=graph captures the step as a CUDA graph and needs a CUDA device; "
+                           f"this run is on {device}. Fix: device=cuda on a GPU node, or backend.fast=none|compile")
+
+
 def to_device_tensors(images: np.ndarray, labels: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images -> float32 in [0, 1] (the same scaling the TF backends use), labels -> int64."""
     # np.array copies: the cache's arrays are read-only memory maps, which torch will not wrap
@@ -119,6 +126,125 @@ class ShardedSteps:
             self.optimizer.step()
         self.last_loss = loss
 
+    def evidence(self) -> dict:
+        """What actually ran, for the record (a fallback must not pass for a fast mode)."""
+        return {"ran": "eager"}
+
+
+class GraphedSteps(ShardedSteps):
+    """``backend.fast=graph``: the whole step (batch gather, forward, loss, backward, optimizer)
+    captured once as a CUDA graph and replayed, so a step costs one launch instead of ~50.
+
+    Everything a replay reads lives in static device buffers the graph captured by address: the
+    epoch's shard of indices and a cursor into it, the step counter, and the learning rate, looked
+    up in a table of the warm-up schedule (so the warm-up runs inside the graph too). The optimizer
+    must be :func:`make_adam` ``(graph=True)``: capturable Adam whose learning rate is that tensor.
+    The first ``eager_steps`` steps run eagerly on a side stream (allocator and optimizer state
+    warm-up; DDP needs 11, CUDA's notes say), the next one is captured, then replayed.
+
+    ``capture=False`` runs the same device-side step eagerly every time: the CPU check that the
+    graph's step trains exactly the batches and learning rates the eager loop does.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                 geometry, seed: int, rank: int = 0, *, eager_steps: int = 3, capture: bool = True) -> None:
+        super().__init__(model, optimizer, x, y, geometry, seed, rank)
+        if capture:
+            check_fast_mode("graph", x.device)
+        dev = x.device
+        self.capture, self.eager_steps = capture, eager_steps
+        self.lr_buf = optimizer.param_groups[0]["lr"]
+        if not isinstance(self.lr_buf, torch.Tensor):
+            raise TypeError("GraphedSteps needs make_adam(..., graph=True): the learning rate as a device tensor")
+        table = [geometry.lr_at(s) for s in range(geometry.lr_warmup_steps + 1)]
+        self.lr_table = torch.tensor(table, dtype=self.lr_buf.dtype, device=dev)
+        self.step_t = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.cursor_t = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.offsets = torch.arange(self.b, dtype=torch.int64, device=dev)
+        self.shard_buf: torch.Tensor | None = None
+        self.loss_buf = torch.zeros((), dtype=torch.float32, device=dev)
+        self.graph = None
+        self.replays = 0
+        self.captures = 0
+
+    def begin_epoch(self, epoch: int) -> None:
+        super().begin_epoch(epoch)
+        if self.shard_buf is None:
+            self.shard_buf = self.shard.clone()
+        else:
+            self.shard_buf.copy_(self.shard)  # same storage: the graph reads it by address
+        self.cursor_t.zero_()
+
+    def _device_step(self) -> None:
+        """One step that reads and writes device buffers only (no host value, no sync)."""
+        last = self.lr_table.shape[0] - 1
+        self.lr_buf.copy_(self.lr_table.index_select(0, self.step_t.clamp(max=last)).view(()))
+        idx = self.shard_buf.index_select(0, self.cursor_t * self.b + self.offsets)
+        loss = torch.nn.functional.nll_loss(self.model(self.x.index_select(0, idx)), self.y.index_select(0, idx))
+        if self.graph is None:  # eager: fresh gradients; captured: backward writes the graph's own
+            self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.loss_buf.copy_(loss.detach())
+        self.cursor_t += 1
+        self.step_t += 1
+
+    def run(self, n: int) -> None:
+        for _ in range(n):
+            if self.graph is not None:
+                self.graph.replay()
+                self.replays += 1
+            elif not self.capture or self.step < self.eager_steps:
+                self._eager(self._device_step)
+            else:
+                self._capture()
+                self.graph.replay()
+                self.replays += 1
+            self.step += 1
+            self.cursor += self.b
+        self.last_loss = self.loss_buf
+
+    def _eager(self, fn) -> None:
+        if not self.capture:
+            fn()
+            return
+        side = torch.cuda.Stream(self.x.device)
+        side.wait_stream(torch.cuda.current_stream(self.x.device))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(self.x.device).wait_stream(side)
+
+    def _capture(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.graph = graph  # inside the capture the step must not zero gradients itself
+            self._device_step()
+        self.captures += 1
+
+    def evidence(self) -> dict:
+        return {"ran": "graph" if self.capture else "graph-eager", "graph_captures": self.captures,
+                "graph_replays": self.replays, "eager_steps": min(self.step, self.eager_steps)}
+
+
+def make_adam(params, geometry, device: torch.device, graph: bool = False) -> torch.optim.Optimizer:
+    """Adam at the schedule's first learning rate; ``graph=True``: capturable (its state stays on
+    the device, steps can be captured) with the learning rate as a device tensor the step updates."""
+    if not graph:
+        return torch.optim.Adam(params, lr=geometry.lr_at(0))
+    lr = torch.tensor(geometry.lr_at(0), dtype=torch.float32, device=device)
+    if device.type == "cuda":
+        return torch.optim.Adam(params, lr=lr, capturable=True)
+    return torch.optim.Adam(params, lr=lr, foreach=False)  # the eager check of the graphed step
+
+
+def fast_steps(fast: str, model: torch.nn.Module, optimizer, x, y, geometry, seed: int, rank: int = 0,
+               eager_steps: int = 3) -> ShardedSteps:
+    """The step loop a ``backend.fast`` mode asks for (``graph``: :class:`GraphedSteps`)."""
+    if fast == "graph":
+        return GraphedSteps(model, optimizer, x, y, geometry, seed, rank, eager_steps=eager_steps)
+    return ShardedSteps(model, optimizer, x, y, geometry, seed, rank)
+
 
 @torch.no_grad()
 def sharded_evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, rank: int, world: int,
@@ -140,6 +266,21 @@ def sharded_evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, r
     return float(sums[0]) / n, float(sums[1]) / n
 
 
+class CudaStepEvents:
+    """CUDA events queued on the current stream behind each step (``protocol.StepEvents``)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def mark(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def seconds(self, start: torch.cuda.Event, end: torch.cuda.Event) -> float:
+        return start.elapsed_time(end) / 1e3  # elapsed_time is in milliseconds
+
+
 class OnTorchDevice:
     """What every torch backend answers the same way about its device: ``self.device`` and
     ``self.model`` (the bare model; DDP backends point ``digest_model`` at the wrapped module)."""
@@ -156,6 +297,10 @@ class OnTorchDevice:
 
     def device_memory_peak(self) -> int | None:
         return device_memory_peak(self.device)
+
+    def step_events(self) -> "CudaStepEvents | None":
+        """Device timestamps for ``protocol.sync_every`` > 1 (CUDA only; elsewhere every step syncs)."""
+        return CudaStepEvents(self.device) if self.device.type == "cuda" else None
 
     def param_digests(self) -> list[str]:
         import hashlib

@@ -54,11 +54,20 @@ class TorchDDP(tc.OnTorchDevice):
         self.ctx = ctx
         self.geometry = g = ctx.geometry
         self.device = tc.resolve_device(cfg["device"], ctx.local_rank)
+        self.fast = cfg["backend"].get("fast") or "none"
+        tc.check_fast_mode(self.fast, self.device)
         self.rank, self.world = ctx.rank, ctx.world_size
         if self.world != g.devices:
             raise RuntimeError(f"torch_ddp: {self.world} processes for {g.devices} devices; one process per device expected")
+        if self.fast == "graph":
+            # CUDA's notes on capturing DDP: NCCL's async error handling off before the group exists
+            os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = os.environ["NCCL_ASYNC_ERROR_HANDLING"] = "0"
         self.process_group_backend = init_process_group(self.device, self.rank, self.world,
                                                         cfg["backend"].get("process_group"))
+        if self.fast == "graph" and self.process_group_backend != "nccl":
+            raise RuntimeError(f"backend.fast=graph captures DDP's all-reduce in a CUDA graph, which needs NCCL; "
+                               f"this run uses {self.process_group_backend}. Fix: one rank per GPU with "
+                               f"backend.process_group=auto|nccl, or backend.fast=none")
         torch.manual_seed(cfg["seed"])  # the same initial weights everywhere (DDP also broadcasts rank 0's)
         ds = ctx.dataset
         self.x, self.y = tc.to_device_tensors(ds.train_x, ds.train_y, self.device)
@@ -66,14 +75,28 @@ class TorchDDP(tc.OnTorchDevice):
         self.global_batch, self.per_device_batch = g.global_batch, g.per_device_batch
         self.steps_per_epoch = self.x.shape[0] // g.global_batch
         model = torch_models.build(cfg["workload"]["name"], ds.num_classes).to(self.device)
-        if (cfg["backend"].get("fast") or "none") == "compile":
+        if self.fast == "compile":
             model = torch.compile(model)
-        self.model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=g.lr_at(0))
+        self.model = self._wrap(model)
+        self.optimizer = tc.make_adam(self.model.parameters(), g, self.device, graph=self.fast == "graph")
         torch.manual_seed(cfg["seed"] * 1000 + self.rank)  # dropout masks differ per rank
-        self.steps = tc.ShardedSteps(self.model, self.optimizer, self.x, self.y, g, cfg["seed"], self.rank)
+        # a captured DDP step needs 11 eager DDP iterations first (CUDA graphs notes, "Usage with DDP")
+        self.steps = tc.fast_steps(self.fast, self.model, self.optimizer, self.x, self.y, g, cfg["seed"], self.rank,
+                                   eager_steps=11)
+
+    def _wrap(self, model: torch.nn.Module) -> DDP:
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        if self.fast != "graph":
+            return DDP(model, device_ids=device_ids)
+        # for a whole-step capture DDP is built on a side stream and its graph declared static
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            wrapped = DDP(model, device_ids=device_ids, static_graph=True)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        return wrapped
 
     def begin_epoch(self, epoch: int) -> None:
         self.steps.begin_epoch(epoch)
@@ -97,6 +120,7 @@ class TorchDDP(tc.OnTorchDevice):
     def environment(self) -> dict:
         env = tc.environment(self.device)
         env["process_group"] = self.process_group_backend
+        env["fast"] = {"mode": self.fast, **self.steps.evidence()}
         return env
 
     def train(self, meter: Measurement) -> None:

@@ -1,7 +1,8 @@
 """PyTorch on one device, tuned: the dataset lives on the device, batches are gathered there.
 
 This is the loop an expert writes for a tiny model: no DataLoader, no per-sample work, no host to
-device copies per step. ``fast=compile`` wraps the model in ``torch.compile``.
+device copies per step. ``fast=compile`` wraps the model in ``torch.compile``; ``fast=graph``
+captures the whole step as one CUDA graph (``torch_common.GraphedSteps``).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ class TorchSingleDevice(tc.OnTorchDevice):
         torch.manual_seed(cfg["seed"])
         self.ctx = ctx
         self.device = tc.resolve_device(cfg["device"], ctx.local_rank)
+        self.fast = cfg["backend"].get("fast") or "none"
+        tc.check_fast_mode(self.fast, self.device)
         self.geometry = ctx.geometry
         self.global_batch = ctx.geometry.global_batch
         ds = ctx.dataset
@@ -30,10 +33,9 @@ class TorchSingleDevice(tc.OnTorchDevice):
         self.test_x, self.test_y = tc.to_device_tensors(ds.test_x, ds.test_y, self.device)
         self.steps_per_epoch = self.x.shape[0] // self.global_batch  # full batches only
         self.model = torch_models.build(cfg["workload"]["name"], ds.num_classes).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=ctx.geometry.lr_at(0))
-        fast = cfg["backend"].get("fast") or "none"
-        self.step_model = torch.compile(self.model) if fast == "compile" else self.model
-        self.steps = tc.ShardedSteps(self.step_model, self.optimizer, self.x, self.y, ctx.geometry, cfg["seed"])
+        self.optimizer = tc.make_adam(self.model.parameters(), ctx.geometry, self.device, graph=self.fast == "graph")
+        self.step_model = torch.compile(self.model) if self.fast == "compile" else self.model
+        self.steps = tc.fast_steps(self.fast, self.step_model, self.optimizer, self.x, self.y, ctx.geometry, cfg["seed"])
 
     def begin_epoch(self, epoch: int) -> None:
         self.steps.begin_epoch(epoch)
@@ -48,7 +50,7 @@ class TorchSingleDevice(tc.OnTorchDevice):
         return tc.evaluate(self.model, self.test_x, self.test_y)
 
     def environment(self) -> dict:
-        return tc.environment(self.device)
+        return tc.environment(self.device) | {"fast": {"mode": self.fast, **self.steps.evidence()}}
 
     def train(self, meter: Measurement) -> None:
         drive(self, meter, int(self.ctx.train["epochs"]), self.ctx.train.get("max_steps_per_epoch"))
