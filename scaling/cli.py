@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 USAGE = """usage: scaling VERB [ARGS]
 
@@ -38,11 +39,9 @@ def _hydra_run() -> int:
     from scaling.config import CONF_DIR, ConfigError
 
     status = {"code": 0}
-    # resolvers conf/cluster/submitit.yaml uses to size a cell's allocation
-    OmegaConf.register_new_resolver(
-        "scaling_tasks_per_node", lambda launcher, devices: 1 if launcher in ("process", "inprocess", "tf_config", "horovodrun")
-        else int(devices), replace=True)
-    OmegaConf.register_new_resolver("scaling_gpus", lambda use, devices: int(devices) if use else None, replace=True)
+    from scaling.slurm import register_resolvers
+
+    register_resolvers()
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def task(cfg: DictConfig) -> None:
@@ -97,25 +96,96 @@ def _on_slurm(overrides: list[str]) -> bool:
     from hydra import compose, initialize_config_dir
 
     from scaling.config import CONF_DIR
+    from scaling.slurm import register_resolvers
 
+    register_resolvers()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = compose("config", overrides=[o for o in overrides if "," not in o.split("=", 1)[-1]])
     return cfg.cluster.name == "slurm"
 
 
-def _slurm_sweep(overrides: list[str]) -> int:
-    """One submitit multirun per allocation geometry, one after another."""
+def _slurm_sweep(overrides: list[str], wait: bool = False) -> int:
+    """All of a study's geometry groups submitted at once, one submitit job array each.
+
+    Each group is its own multirun (submitit sizes one allocation per multirun), driven by a
+    background process that outlives this command; the command returns once every group's job
+    array is in the queue, with the job ids. ``--wait`` waits for all of them, then prints the table
+    and writes the dashboard. Rerunning submits only missing or failed cells, and never a group
+    whose job array is still queued or running.
+    """
+    import os
     import subprocess
 
-    from scaling.slurm import split_sweep
+    from scaling.slurm import queued_jobs, split_sweep, sweep_config
 
     groups = split_sweep(overrides)
-    code = 0
+    if not groups:
+        print("[sweep] no valid cell to submit", file=sys.stderr)
+        return 2
+    cfg = sweep_config(overrides)
+    sweep_id, results_dir = cfg.get("sweep_id") or "adhoc", str(cfg["results_dir"])
+    logs = Path(results_dir) / ".hydra" / sweep_id
+    logs.mkdir(parents=True, exist_ok=True)
+    drivers = []
     for i, group in enumerate(groups, 1):
-        print(f"[sweep] allocation {i}/{len(groups)}: {' '.join(group)}", file=sys.stderr, flush=True)
+        name = f"scaling-{sweep_id}-g{i}"
+        tag = f"[sweep] allocation {i}/{len(groups)}"
+        busy = queued_jobs(name)
+        if busy:
+            print(f"{tag}: still in the queue as job {', '.join(busy)}; not submitted again "
+                  f"(rerun when it has ended, or scancel it)", file=sys.stderr, flush=True)
+            continue
         fixed = [o for o in overrides if o.split("=", 1)[0] not in {g.split("=", 1)[0] for g in group}]
-        done = subprocess.run([sys.executable, "-m", "scaling", "sweep", "--one-geometry", *fixed, *group])
-        code = code or done.returncode
+        cmd = [sys.executable, "-m", "scaling", "sweep", "--one-geometry", *fixed, *group, f"hydra.launcher.name={name}"]
+        log = logs / f"driver-g{i}.log"
+        print(f"{tag}: {' '.join(group)}", file=sys.stderr, flush=True)
+        with open(log, "ab") as fh:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                                    start_new_session=not wait, env={**os.environ, "SCALING_SWEEP_PART": "1"})
+        drivers.append((tag, name, log, proc))
+    if wait:
+        code = 0
+        for tag, _, log, proc in drivers:
+            code = code or proc.wait()
+        from scaling.sweep import build_dashboard, summary_table
+
+        summary_table(results_dir, sweep_id)
+        build_dashboard(results_dir)
+        if (cfg.get("logger") or {}).get("name") == "wandb":
+            from scaling.tracking import log_sweep_summary
+
+            log_sweep_summary(cfg, sweep_id)  # never raises
+        return code
+    return _report_submissions(drivers, results_dir, sweep_id)
+
+
+def _report_submissions(drivers: list, results_dir: str, sweep_id: str, timeout: float = 120) -> int:
+    """Wait until each driver's job array is in the queue and say its id (or why it is not)."""
+    import time
+
+    from scaling.slurm import queued_jobs
+
+    code = 0
+    for tag, name, log, proc in drivers:
+        deadline = time.monotonic() + timeout
+        jobs: list[str] = []
+        while time.monotonic() < deadline and not jobs:
+            jobs = queued_jobs(name, states=None)
+            if not jobs and proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        if jobs:
+            print(f"{tag}: submitted as job {', '.join(jobs)} (driver log {log})", file=sys.stderr, flush=True)
+        elif proc.poll() is not None and proc.returncode == 0:
+            print(f"{tag}: nothing to submit (every cell has an ok record)", file=sys.stderr, flush=True)
+        else:
+            tail = log.read_text(errors="replace").strip().splitlines()[-5:] if log.exists() else []
+            print(f"{tag}: no job in the queue after {timeout:.0f} s; see {log}:\n  " + "\n  ".join(tail),
+                  file=sys.stderr, flush=True)
+            code = 1
+    print(f"[sweep] records land in {Path(results_dir) / sweep_id} as the jobs finish: follow with "
+          f"`squeue --me`, then `scaling report {results_dir}`; rerunning the sweep submits only missing or "
+          "failed cells (add --wait to wait for the jobs)", file=sys.stderr, flush=True)
     return code
 
 
@@ -133,9 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         return _hydra_run()
     if verb == "sweep":
         # a multirun; rerunning skips finished cells, so --resume is the default behaviour
-        rest = [a for a in rest if a != "--resume"]
+        wait = "--wait" in rest
+        rest = [a for a in rest if a not in ("--resume", "--wait")]
         if "--one-geometry" not in rest and _on_slurm(rest):
-            return _slurm_sweep(rest)
+            return _slurm_sweep(rest, wait=wait)
         sys.argv = ["scaling sweep", "--multirun", *[a for a in rest if a != "--one-geometry"]]
         return _hydra_run()
     if verb in ("results", "report", "predict"):

@@ -222,8 +222,17 @@ def capture_environment(frameworks: dict[str, str] | None = None, gpu: dict | No
         "frameworks": dict(frameworks or {}),
         "gpu": gpu,
         "slurm": slurm_environment(),
+        "comm_env": comm_environment(),
         "argv": sys.argv,
     }
+
+
+#: variables that change how collectives run: recorded with every run, set or not by the site
+COMM_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "GLOO_", "HOROVOD_", "TF_COLLECTIVE", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+
+
+def comm_environment() -> dict[str, str]:
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(COMM_ENV_PREFIXES)}
 
 
 def _user() -> str | None:

@@ -30,8 +30,36 @@ class RenderError(ValueError):
     pass
 
 
+def tasks_for(launcher: str, devices: int) -> int:
+    """Tasks per node: one per device, or one holding all of the node's devices."""
+    return 1 if launcher in PER_NODE else int(devices)
+
+
 def tasks_per_node(cfg: dict) -> int:
-    return 1 if cfg["backend"].get("launcher") in PER_NODE else int(cfg["devices"])
+    return tasks_for(cfg["backend"].get("launcher"), cfg["devices"])
+
+
+def cpus_per_task(launcher: str, devices: int, cluster: dict) -> int:
+    """``cluster.cpus_per_task`` where set; else ``cpus_per_device`` for each device the task drives
+    (a TF task holding a node's 4 GPUs gets 4x what one DDP rank gets)."""
+    if cluster.get("cpus_per_task"):
+        return int(cluster["cpus_per_task"])
+    drives = int(devices) if launcher in PER_NODE else 1
+    return drives * int(cluster.get("cpus_per_device") or 1)
+
+
+def sbatch_options(cluster: dict) -> dict[str, Any]:
+    """#SBATCH options beyond the geometry, for rendered scripts and submitit alike: the node to
+    itself (a benchmark sharing a node measures its neighbours), memory, requeue as configured;
+    ``extra_sbatch`` last, so a site can override any of them."""
+    options: dict[str, Any] = {}
+    if cluster.get("exclusive"):
+        options["exclusive"] = True
+    if cluster.get("mem") is not None:
+        options["mem"] = str(cluster["mem"])
+    options["requeue" if cluster.get("requeue") else "no-requeue"] = True
+    options.update(cluster.get("extra_sbatch") or {})
+    return options
 
 
 def _directive(value: Any, what: str) -> str:
@@ -59,15 +87,19 @@ def render_cell(cfg: dict, run_id: str, out_dir: Path) -> Path:
             optional.append(f"#SBATCH {flag}={_directive(slurm[key], f'cluster.{key}')}")
     if gpus:
         optional.append(f"#SBATCH --gpus-per-node={gpus}")
-    for key, value in (slurm.get("extra_sbatch") or {}).items():
+    for key, value in sbatch_options(slurm).items():
         flag = "--" + _directive(key, "cluster.extra_sbatch key").replace("_", "-")
-        optional.append(f"#SBATCH {flag}" if value is True else f"#SBATCH {flag}={_directive(value, f'cluster.extra_sbatch.{key}')}")
+        if value is not False and value is not None:
+            optional.append(f"#SBATCH {flag}" if value is True else f"#SBATCH {flag}={_directive(value, f'cluster.extra_sbatch.{key}')}")
+    setup = [str(line) for line in slurm.get("env_setup") or []]
+    if any("\n" in line or "\r" in line for line in setup):
+        raise RenderError("cluster.env_setup: one shell line per list item, no newlines inside an item")
     worker = f"{shlex.quote(sys.executable)} -m scaling.worker --config {shlex.quote(str(config_path))}"
     if cfg["backend"].get("launcher") == "horovodrun":
         port_file = f'{shlex.quote(str(out_dir.resolve() / run_id))}."$SLURM_JOB_ID".rendezvous' 
         comment = ("# Horovod (gloo): its rendezvous server runs here (horovodrun's job), srun starts one rank per device\n"
                    f"export SCALING_HOROVOD_PORT_FILE={port_file}\n"
-                   "export HOROVOD_GLOO_IFACE=$(ip -o route get \"$MASTER_ADDR\" | sed -n 's/.* dev \\([^ ]*\\).*/\\1/p')\n"
+                   "# (each rank finds the interface its own node reaches the others through: no HOROVOD_GLOO_IFACE here)\n"
                    f"{shlex.quote(sys.executable)} -m launch.horovod_slurm serve --port-file \"$SCALING_HOROVOD_PORT_FILE\" "
                    f"--tasks-per-node {tasks_per_node(cfg)} &\n"
                    "rendezvous=$!\ntrap 'kill $rendezvous 2>/dev/null; rm -f \"$SCALING_HOROVOD_PORT_FILE\"' EXIT")
@@ -80,7 +112,9 @@ def render_cell(cfg: dict, run_id: str, out_dir: Path) -> Path:
         "job_name": _directive(f"scaling-{run_id}"[:120], "job name"),
         "nodes": _directive(int(slurm.get("nodes", 1)), "cluster.nodes"),
         "tasks_per_node": tasks_per_node(cfg),
-        "cpus_per_task": _directive(int(slurm.get("cpus_per_task") or 1), "cluster.cpus_per_task"),
+        "cpus_per_task": _directive(cpus_per_task(cfg["backend"].get("launcher"), cfg["devices"], slurm),
+                                    "cluster.cpus_per_task"),
+        "env_setup": "\n".join(["# site set-up (cluster.env_setup)", *setup]) if setup else "",
         "time_limit": _directive(int(slurm.get("time_min") or 60), "cluster.time_min"),
         "signal_seconds": _directive(int(slurm.get("signal_seconds") or 120), "cluster.signal_seconds"),
         "log_path": _directive(str((out_dir / f"{run_id}.%j.log").resolve()), "log path"),
@@ -96,12 +130,29 @@ def render_cell(cfg: dict, run_id: str, out_dir: Path) -> Path:
     return path
 
 
+def register_resolvers() -> None:
+    """The resolvers conf/cluster/slurm.yaml uses to size a cell's allocation (rules in scaling/slurm.py)."""
+    from omegaconf import OmegaConf
+
+    def plain(node):
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+    OmegaConf.register_new_resolver("scaling_tasks_per_node", tasks_for, replace=True)
+    OmegaConf.register_new_resolver("scaling_gpus", lambda use, devices: int(devices) if use else None, replace=True)
+    OmegaConf.register_new_resolver(
+        "scaling_cpus", lambda launcher, devices, cluster: cpus_per_task(launcher, devices, plain(cluster)), replace=True)
+    OmegaConf.register_new_resolver("scaling_sbatch", lambda cluster: sbatch_options(plain(cluster)), replace=True)
+    OmegaConf.register_new_resolver(
+        "scaling_setup", lambda lines: [*(plain(lines) or []), "export SCALING_LAUNCH_TIME=$(date +%s.%N)"], replace=True)
+
+
 def expand(overrides: list[str]) -> list[tuple[dict, list[str]]]:
     """Compose the config for every cell the overrides (and an experiment's sweep params) name."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
+    register_resolvers()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         base = compose("config", overrides=[o for o in overrides if "," not in o.split("=", 1)[-1]],
                        return_hydra_config=True)
@@ -156,10 +207,11 @@ def slurm_command(argv: list[str]) -> int:
     return render_command(argv[1:])
 
 
-def geometry(cfg: dict) -> tuple[int, int, int]:
-    """(nodes, tasks per node, GPUs per node) of a cell's allocation."""
+def geometry(cfg: dict) -> tuple[int, int, int, int]:
+    """(nodes, tasks per node, GPUs per node, CPUs per task) of a cell's allocation."""
     gpus = int(cfg["devices"]) if cfg["cluster"].get("gpus", True) else 0
-    return int(cfg["cluster"].get("nodes", 1)), tasks_per_node(cfg), gpus
+    cpus = cpus_per_task(cfg["backend"].get("launcher"), cfg["devices"], cfg["cluster"])
+    return int(cfg["cluster"].get("nodes", 1)), tasks_per_node(cfg), gpus, cpus
 
 
 def split_sweep(overrides: list[str]) -> list[list[str]]:
@@ -172,7 +224,7 @@ def split_sweep(overrides: list[str]) -> list[list[str]]:
     """
     from scaling.config import ConfigError, validate
 
-    groups: dict[tuple[int, int, int], list[list[str]]] = {}
+    groups: dict[tuple[int, int, int, int], list[list[str]]] = {}
     for cfg, combo in expand(overrides):
         try:
             validate(cfg)
@@ -181,7 +233,7 @@ def split_sweep(overrides: list[str]) -> list[list[str]]:
             continue
         groups.setdefault(geometry(cfg), []).append(combo)
     runs = []
-    for (nodes, tasks, gpus), combos in groups.items():
+    for (nodes, tasks, gpus, cpus), combos in groups.items():
         axes: dict[str, list[str]] = {}
         for combo in combos:
             for item in combo:
@@ -191,6 +243,38 @@ def split_sweep(overrides: list[str]) -> list[list[str]]:
                     values.append(value)
         # the allocation itself, stated: the multirun's base config may name another backend
         pinned = [f"hydra.launcher.nodes={nodes}", f"hydra.launcher.tasks_per_node={tasks}",
-                  f"hydra.launcher.gpus_per_node={gpus or 'null'}"]
+                  f"hydra.launcher.gpus_per_node={gpus or 'null'}", f"hydra.launcher.cpus_per_task={cpus}"]
         runs.append([f"{k}={','.join(v)}" for k, v in axes.items()] + pinned)
     return runs
+
+
+def sweep_config(overrides: list[str]) -> dict:
+    """A sweep's base config (its fixed overrides applied) as a dict, with the overrides listed."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register_resolvers()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose("config", overrides=[o for o in overrides if "," not in o.split("=", 1)[-1]])
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain["overrides"] = list(overrides)
+    return plain
+
+
+def queued_jobs(name: str, states: tuple[str, ...] | None = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING",
+                                                              "COMPLETING", "SUSPENDED")) -> list[str]:
+    """Ids of this user's jobs named ``name`` (array tasks folded into their array) in ``states``."""
+    import os
+    import subprocess
+
+    cmd = ["squeue", "--noheader", "--name", name, "--user", str(os.getuid()), "--format", "%F %T"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    jobs: list[str] = []
+    for line in out.splitlines():
+        job, _, state = line.strip().partition(" ")
+        if job and (states is None or state in states) and job not in jobs:
+            jobs.append(job)
+    return jobs

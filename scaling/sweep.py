@@ -160,6 +160,8 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config, **kwargs) -> None:
         summary_table(config.results_dir, config.get("sweep_id") or "adhoc")
+        if os.environ.get("SCALING_SWEEP_PART"):
+            return  # one geometry group of a Slurm study: the study's dashboard is built over all groups
         if not os.environ.get("SLURM_JOB_ID"):
             build_dashboard(config.results_dir)
         if (config.get("logger") or {}).get("name") == "wandb":

@@ -127,7 +127,7 @@ def test_cancelled_cell_leaves_a_failed_record_while_the_other_finishes(cluster,
 
 def test_two_cell_sweep_through_submitit(cluster, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    args = [sys.executable, "-m", "scaling", "sweep", "cluster=slurm", "sweep_id=sub", "backend=torch_ddp",
+    args = [sys.executable, "-m", "scaling", "sweep", "--wait", "cluster=slurm", "sweep_id=sub", "backend=torch_ddp",
             "devices=1", "cluster.nodes=2", "repeat=0,1", f"results_dir={tmp_path}", *QUICK]
     proc = subprocess.run(args, cwd=_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -191,7 +191,7 @@ def test_preemption_signal_ends_the_cell_cleanly(cluster, tmp_path, requeue):
 
 def test_mixed_geometry_sweep_is_split_into_one_job_array_per_allocation(cluster, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    args = [sys.executable, "-m", "scaling", "sweep", "cluster=slurm", "sweep_id=mixed",
+    args = [sys.executable, "-m", "scaling", "sweep", "--wait", "cluster=slurm", "sweep_id=mixed",
             "backend=tf_mirrored,torch_ddp,horovod_torch", "devices=2", f"results_dir={tmp_path}", *QUICK]
     proc = subprocess.run(args, cwd=_ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -201,3 +201,33 @@ def test_mixed_geometry_sweep_is_split_into_one_job_array_per_allocation(cluster
     assert got["horovod_torch"]["environment"]["world_size"] == 2
     assert all(rec["status"] == "ok" for rec in got.values()), {k: r["error"] for k, r in got.items()}
     assert got["torch_ddp"]["environment"]["world_size"] == 2
+
+
+def test_slurm_study_submits_every_geometry_at_once_and_returns(cluster, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    # two geometries (1 task per node for tf_mirrored, 2 for torch_ddp); one trains long enough to be
+    # in the queue when the sweep is run again
+    args = [sys.executable, "-m", "scaling", "sweep", "cluster=slurm", "sweep_id=nb", "backend=tf_mirrored,torch_ddp",
+            "devices=2", "cluster.exclusive=false", "cluster.mem=null", f"results_dir={tmp_path}", "data=synthetic",
+            "train.epochs=200", "protocol.warmup_steps=5"]
+    t0 = time.monotonic()
+    proc = subprocess.run(args, cwd=_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = [line.split("submitted as job ")[1].split()[0] for line in proc.stderr.splitlines() if "submitted as job" in line]
+    try:
+        assert len(jobs) == 2, proc.stderr[-3000:]
+        assert not list(tmp_path.glob("nb/*.json"))  # it returned before any cell finished
+        assert time.monotonic() - t0 < 240
+        again = subprocess.run(args, cwd=_ROOT, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert again.stderr.count("still in the queue as job") == 2 and "submitted as job" not in again.stderr
+    finally:
+        for job in jobs:
+            subprocess.run(["scancel", job], timeout=30)
+        # the drivers wait on their jobs' states, which this test cluster (no accounting) never reports
+        # once a job is cancelled: end them with the test
+        import psutil
+
+        for proc in psutil.process_iter(["cmdline"]):
+            if str(tmp_path) in " ".join(proc.info["cmdline"] or []) and "--one-geometry" in (proc.info["cmdline"] or []):
+                proc.kill()
