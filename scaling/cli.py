@@ -189,6 +189,34 @@ def _report_submissions(drivers: list, results_dir: str, sweep_id: str, timeout:
     return code
 
 
+COMPLETION_FLAGS = ("-sc", "--shell-completion", "--shell_completion")
+VERBS = ("run", "sweep", "results", "report", "predict", "slurm", "data")
+
+
+def _shell_completion(args: list[str]) -> int:
+    """Hydra's shell completion for ``scaling``: ``eval "$(scaling -sc install=bash)"`` installs it
+    (``scaling run -sc install=bash`` too); the installed function then asks ``scaling -sc
+    query=bash`` with the command line in ``COMP_LINE``, where the verb is completed here and the
+    overrides after ``run``/``sweep`` by Hydra."""
+    import os
+
+    request = args[1] if len(args) > 1 else (args[0].split("=", 1)[1] if "=" in args[0] else "")
+    if request.startswith("query="):
+        words = os.environ.get("COMP_LINE", "").split()
+        typing_verb = len(words) == 1 or (len(words) == 2 and not os.environ.get("COMP_LINE", "").endswith(" "))
+        if typing_verb:
+            prefix = words[1] if len(words) == 2 else ""
+            print(" ".join(v for v in VERBS if v.startswith(prefix)))
+            return 0
+        if words[1] not in ("run", "sweep"):
+            print("")
+            return 0
+        line = os.environ["COMP_LINE"]
+        os.environ["COMP_LINE"] = line[:line.index(words[1])] + line[line.index(words[1]) + len(words[1]):].lstrip()
+    sys.argv = ["scaling", "--shell-completion", request]
+    return _hydra_run()
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
 
@@ -198,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     verb, rest = argv[0], argv[1:]
+    if verb in COMPLETION_FLAGS or (verb in ("run", "sweep") and rest and rest[0] in COMPLETION_FLAGS):
+        return _shell_completion(argv if verb in COMPLETION_FLAGS else rest)
     if verb == "run":
         sys.argv = ["scaling run", *rest]
         return _hydra_run()
