@@ -80,14 +80,21 @@ class _Proc:
     reader: threading.Thread | None = None
 
 
-def _pump(proc: _Proc, log) -> None:
-    """Forward a process's output to ours and to the run log, keeping the last lines for errors."""
+#: what a quiet run still shows on the console: the study's own warnings (W&B falling back, ...)
+STUDY_LINES = ("scaling:", "scaling ")
+
+
+def _pump(proc: _Proc, log, echo_all: bool = True) -> None:
+    """Copy a process's output into the run log, keeping the last lines for errors; on the console
+    everything (a single run, with its progress bar) or only the study's own lines (a sweep's cell:
+    framework banners and library INFO stay in the cell's log)."""
     for line in iter(proc.popen.stdout.readline, ""):
         proc.tail.append(line.rstrip("\n"))
         log.write(line)
         log.flush()
-        sys.stderr.write(line)
-        sys.stderr.flush()
+        if echo_all or line.startswith(STUDY_LINES):
+            sys.stderr.write(line)
+            sys.stderr.flush()
 
 
 def _die_with_parent() -> None:
@@ -191,7 +198,8 @@ def launch(cfg: dict[str, Any]) -> dict:
                                          text=True, start_new_session=True, preexec_fn=_die_with_parent)
                 procs.append(_Proc(popen))
             for proc in procs:  # threads only after every fork
-                proc.reader = threading.Thread(target=_pump, args=(proc, log), daemon=True)
+                proc.reader = threading.Thread(target=_pump, args=(proc, log, bool(cfg.get("progress", True))),
+                                               daemon=True)
                 proc.reader.start()
             failure = _supervise(procs, run_dir)
         except BaseException:
