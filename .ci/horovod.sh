@@ -56,7 +56,9 @@ if [ -n "$GPU_OPS" ]; then
   log "GPU build: HOROVOD_GPU_OPERATIONS=$GPU_OPS (torch CUDA $TORCH_CUDA)"
 fi
 
-KEY="horovod-${HVD_VERSION}-torch${TORCH_VER}-tf${TF_VER}-${PY_TAG}${GPU_OPS:+-$(echo "$GPU_OPS" | tr 'A-Z' 'a-z')}"
+# PATCHES: bump when the patches below change, so a cached wheel built without them is not reused
+PATCHES=p4
+KEY="horovod-${HVD_VERSION}-${PATCHES}-torch${TORCH_VER}-tf${TF_VER}-${PY_TAG}${GPU_OPS:+-$(echo "$GPU_OPS" | tr 'A-Z' 'a-z')}"
 WHEEL_DIR="$CACHE_ROOT/$KEY"
 BUILD_LOG="$CACHE_ROOT/$KEY.build.log"
 mkdir -p "$CACHE_ROOT"
@@ -90,7 +92,7 @@ else
   tar -xzf "$SDIST" -C "$WORK"
   SRC="$WORK/horovod-$HVD_VERSION"
 
-  log "patching the sdist for torch >= 2.1 (C++17) and CPU-only TensorFlow >= 2.16"
+  log "patching the sdist for torch >= 2.1 (C++17), CPU-only TensorFlow >= 2.16 and multi-node Gloo"
   "$PY" - "$SRC" <<'PATCH' || die "patching the sdist failed (it is not the expected horovod $HVD_VERSION)"
 import pathlib
 import sys
@@ -155,6 +157,18 @@ edit("horovod/tensorflow/xla_mpi_ops.cc",
      "#if TENSORFLOW_VERSION >= 2006000000\n",
      "#if TENSORFLOW_VERSION >= 2006000000 && HAVE_GPU  // patched: XLA ops are GPU-only\n",
      "skip the GPU-only XLA ops in CPU builds")
+
+# 4. A process set's Gloo context (every Horovod job makes one for the global set) creates its
+#    device from its own, still empty, interface name instead of the global context's, so it
+#    binds whatever the host name resolves to: 127.0.1.1 on a Debian-style /etc/hosts, and ranks
+#    on other nodes cannot connect. Use the interface HOROVOD_GLOO_IFACE gave the global context.
+edit("horovod/common/gloo/gloo_context.cc",
+     "  attr device_attr;\n  device_attr.iface = gloo_iface_;\n  device_attr.ai_family = AF_UNSPEC;\n"
+     "  auto dev = CreateDevice(device_attr);\n\n  global_ctx = global_context.ctx;\n",
+     "  gloo_iface_ = global_context.gloo_iface_;  // patched: the global context's interface\n"
+     "  attr device_attr;\n  device_attr.iface = gloo_iface_;\n  device_attr.ai_family = AF_UNSPEC;\n"
+     "  auto dev = CreateDevice(device_attr);\n\n  global_ctx = global_context.ctx;\n",
+     "process-set Gloo contexts bind the global context's interface")
 PATCH
 
   # (plain nproc would answer 1 here: it honours the OMP_NUM_THREADS=1 set above)
