@@ -232,8 +232,8 @@ def _figures(study: Study, colour: dict[str, str]) -> list[Figure]:
                      "all-latency reading (α only)")
                 line(pred["throughput_bandwidth_only"], "all-bandwidth", {"color": c, "width": 1.2, "dash": "longdash"},
                      "all-bandwidth reading (β only)")
-            if "amdahl_throughput" in pred:
-                line(pred["amdahl_throughput"], "Amdahl", {"color": "#444", "width": 1.2, "dash": "dot"}, "Amdahl")
+            if "law_throughput" in pred:
+                line(pred["law_throughput"], fit.law_name, {"color": "#444", "width": 1.2, "dash": "dot"}, fit.law_name)
             meas = study.cells[(study.cells["backend"] == backend) & (study.cells["status"] == "ok")]
             fig.add_trace(go.Scatter(x=meas["N"], y=meas["samples_per_s"], mode="markers", name="measured (each repeat)",
                                      legendgroup="measured", showlegend=False,
@@ -250,6 +250,7 @@ def _figures(study: Study, colour: dict[str, str]) -> list[Figure]:
             "all-latency reading (α only)": {"mode": "lines", "line": {"color": "#555", "width": 1.2, "dash": "dash"}},
             "all-bandwidth reading (β only)": {"mode": "lines", "line": {"color": "#555", "width": 1.2, "dash": "longdash"}},
             "Amdahl": {"mode": "lines", "line": {"color": "#444", "width": 1.2, "dash": "dot"}},
+            "Gustafson": {"mode": "lines", "line": {"color": "#444", "width": 1.2, "dash": "dot"}},
         }
         for name, style in legend_styles.items():
             if name in shown or (name.startswith("measured") and "measured" in shown):
@@ -476,8 +477,10 @@ def _model_section(s: Study) -> str:
     parts = ["<p>Step time <code>T(N) = T_compute(N) + 2(N-1)&alpha; + 2(N-1)/N &middot; S/&beta;</code> with "
              f"<code>S</code> = {s.fits[0].grad_bytes:,} gradient bytes (fp32) and <code>T_compute</code> constant (weak) "
              "or <code>T0/N</code> (strong), fitted by non-negative least squares of relative errors over every repeat; "
-             "95% intervals by bootstrap over repeats within each N (rough with 2-3 repeats). "
-             "Amdahl: the least-squares serial fraction of <code>1/S = f + (1-f)/N</code>.</p>"]
+             "intervals: 95% bootstrap over repeats within each N, widened by the model's largest leave-one-N-out "
+             "error (so they include model error, not only repeat noise). Beside it the scaling mode's law, fitted "
+             "by least squares over the median speedups: Amdahl <code>1/S = f + (1-f)/N</code> (strong scaling), "
+             "Gustafson <code>S = N - s(N-1)</code> (weak scaling).</p>"]
     rows = []
     targets = [16, 64, 256, 1024]
     for fit in s.fits:
@@ -500,7 +503,7 @@ def _model_section(s: Study) -> str:
             beta = f"not identifiable: {scaling_model.fmt_param('beta', bw[bw['parameter'] == 'beta']['value'].iloc[0])} .. inf" if not bw.empty else "-"
             t0 = pv("latency_only", "T_compute")
         row = {"backend": fit.key["backend"], "N": ", ".join(map(str, fit.measured_n)), "t0": t0, "alpha": alpha,
-               "beta": beta, "f": pv("amdahl", "serial fraction")}
+               "beta": beta, "f": f"{fit.law_name}: {pv(fit.law_name.lower(), 'serial fraction')}"}
         for n in targets:
             p = pred.loc[n]
             if fit.identifiable:
@@ -509,7 +512,7 @@ def _model_section(s: Study) -> str:
                 row[f"p{n}"] = f"{p['throughput_low']:,.0f} .. {p['throughput_high']:,.0f}"
         rows.append(row)
     cols = [("backend", "backend", "s"), ("N", "N measured", "s"), ("t0", "T_compute [95%]", "s"),
-            ("alpha", "α [95%]", "s"), ("beta", "β [95%]", "s"), ("f", "Amdahl serial fraction [95%]", "s")]
+            ("alpha", "α [95%]", "s"), ("beta", "β [95%]", "s"), ("f", "serial fraction [95%]", "s")]
     parts.append(_table(pd.DataFrame(rows), cols))
     parts.append("<p>Predicted samples/s (efficiency) from the α-β model; a range where α and β are not identifiable:</p>")
     parts.append(_table(pd.DataFrame(rows), [("backend", "backend", "s")] +

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scaling import analysis, metrics, scaling_model, verdicts
+from scaling import analysis, metrics, scaling_laws, scaling_model, verdicts
 from scaling.results import results_command
 from scaling.scaling_model import predict_command
 
@@ -275,8 +275,12 @@ def test_validation_on_the_recorded_sweep(capsys):
             print("  " + v.summary())
     for v in validations:
         assert v.train_n == [1, 2, 3] and v.holdout_n == 4
-        assert math.isfinite(v.error) and math.isfinite(v.amdahl_error)
+        assert math.isfinite(v.error) and math.isfinite(v.law_error) and v.law_name == "Gustafson"
         assert v.predicted_low <= v.predicted <= v.predicted_high
+        # the interval includes the model's leave-one-N-out error, and the line says where the measurement fell
+        assert any("model error" in n for n in v.notes)
+        inside = v.predicted_low <= v.measured <= v.predicted_high
+        assert ("measured inside its interval" if inside else "measured OUTSIDE its interval") in v.summary()
         # 2 CPUs shared by 4 workers: contention the model does not know about; this records how far off it is
         assert abs(v.error) < 0.5
 
@@ -287,3 +291,35 @@ def test_predict_command(capsys):
     assert "alpha" in out and "1024" in out and "validation" in out and "error" in out
     assert predict_command([str(LOCAL_CPU), "--backend", "torch_ddp", "--bootstrap", "20"]) == 0
     assert "not identifiable" in capsys.readouterr().out
+
+
+def test_gustafson_fit_from_a_closed_form():
+    # S(N) = N - 0.2 (N - 1) at N = 2, 4, 8: 1.8, 3.4, 6.6
+    ns = np.array([1, 2, 4, 8])
+    speedups = np.array([1.0, 1.8, 3.4, 6.6])
+    assert scaling_laws.gustafson_fraction(ns, speedups) == pytest.approx(0.2)
+    np.testing.assert_allclose(scaling_laws.gustafson_speedup(ns, 0.2), speedups)
+    points = _synthetic_points("weak", (2e-3, 25e-6, 1 / 5e9), [1, 2, 4, 8])
+    fit = scaling_model.fit_cell(points, bootstrap=0)
+    assert fit.law_name == "Gustafson"
+    strong = scaling_model.fit_cell(_synthetic_points("strong", (2e-3, 25e-6, 1 / 5e9), [1, 2, 4, 8]), bootstrap=0)
+    assert strong.law_name == "Amdahl"
+
+
+def test_validation_says_when_the_measurement_is_outside_the_interval():
+    # a contention the model cannot represent: T(N) = 2 ms + 0.1 ms x N^2; fit on 1..4, predict 8
+    rows = []
+    for n in (1, 2, 3, 4, 8):
+        for r in range(3):
+            t = 2e-3 + 1e-4 * n * n
+            rows.append({"sweep": "s", "backend": "fake", "framework": "torch", "workload": "mlp", "parameters": 101770,
+                         "data": "synthetic", "scaling": "weak", "variant": "defaults", "workload_params": "",
+                         "settings": "", "overrides": "", "layout": f"{n}x1", "nodes": 1, "conditions": "threads=1",
+                         "N": n, "devices_per_node": n, "repeat": r, "status": "ok", "global_batch": 64 * n,
+                         "samples_per_s": 64 * n / (t * (1 + 0.01 * (r - 1))), "accelerator": "gpu"})
+    v = scaling_model.validate(pd.DataFrame(rows), bootstrap=50)
+    measured = 64 * 8 / (2e-3 + 1e-4 * 64)
+    assert v.measured == pytest.approx(measured)
+    assert not (v.predicted_low <= measured <= v.predicted_high)
+    assert "measured OUTSIDE its interval" in v.summary()
+    assert any("model error" in n for n in v.notes)
