@@ -141,11 +141,11 @@ def fast_settings(backend: dict) -> str:
 
 def run_conditions(record: dict) -> str:
     """What a run's speed depends on besides its cell: threads per rank, CPU placement and the
-    evaluation work per rank. Records written before these were recorded fall back to the config's
-    threads and the environment's pinned CPUs."""
+    evaluation work per rank. Records written before these were recorded fall back to the threads
+    the environment saw in force (else the config's) and the environment's pinned CPUs."""
     cfg, m, env = record.get("config") or {}, record.get("metrics") or {}, record.get("environment") or {}
     cond = dict(m.get("conditions") or {})
-    threads = cond.get("threads", cfg.get("threads"))
+    threads = cond.get("threads", env.get("threads", cfg.get("threads")))  # the threads in force, then the asked
     placement = cond.get("placement", cfg.get("placement", "default"))
     pinned = cond.get("pinned", bool(env.get("pinned_cpus")))
     evaluation = cond.get("evaluation", "unrecorded")
