@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from scaling import analysis, report_cells, scaling_model, verdicts
+from scaling.predict import fmt_param
 
 # TF backends in warm colours, PyTorch backends in cool ones: the seed claim reads off the hue.
 _TF_COLOURS = ["#d95f02", "#e6ab02", "#a6761d", "#e7298a", "#b2182b"]
@@ -492,15 +493,15 @@ def _model_section(s: Study) -> str:
             if r.empty:
                 return "-"
             r = r.iloc[0]
-            return (f"{scaling_model.fmt_param(name, r['value'])} [{scaling_model.fmt_param(name, r['low'])} .. "
-                    f"{scaling_model.fmt_param(name, r['high'])}]")
+            return (f"{fmt_param(name, r['value'])} [{fmt_param(name, r['low'])} .. "
+                    f"{fmt_param(name, r['high'])}]")
 
         if fit.identifiable:
             alpha, beta, t0 = pv("fit", "alpha"), pv("fit", "beta"), pv("fit", "T_compute")
         else:
             lat, bw = par[par["model"] == "latency_only"], par[par["model"] == "bandwidth_only"]
-            alpha = f"not identifiable: 0 .. {scaling_model.fmt_param('alpha', lat[lat['parameter'] == 'alpha']['value'].iloc[0])}" if not lat.empty else "-"
-            beta = f"not identifiable: {scaling_model.fmt_param('beta', bw[bw['parameter'] == 'beta']['value'].iloc[0])} .. inf" if not bw.empty else "-"
+            alpha = f"not identifiable: 0 .. {fmt_param('alpha', lat[lat['parameter'] == 'alpha']['value'].iloc[0])}" if not lat.empty else "-"
+            beta = f"not identifiable: {fmt_param('beta', bw[bw['parameter'] == 'beta']['value'].iloc[0])} .. inf" if not bw.empty else "-"
             t0 = pv("latency_only", "T_compute")
         row = {"backend": fit.key["backend"], "N": ", ".join(map(str, fit.measured_n)), "t0": t0, "alpha": alpha,
                "beta": beta, "f": f"{fit.law_name}: {pv(fit.law_name.lower(), 'serial fraction')}"}
