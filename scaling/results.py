@@ -142,7 +142,8 @@ def _verdicts(console, cells: pd.DataFrame) -> None:
         table.add_row(f"{r['sweep']} {r['workload']} {r['scaling']}", str(r["N"]), r["layout"], r["question"],
                       _cell(r["tf_backend"]), _cell(r["torch_backend"]), _cell(r["ratio"], ".2f"),
                       f"{_cell(r['ratio_low'], '.2f')}..{_cell(r['ratio_high'], '.2f')}", _cell(r["cliffs_delta"], "+.2f"),
-                      f"{_cell(r['p_value'], '.3f')} ({_cell(r['p_adjusted'], '.3f')}, {_cell(r['pairs'], '.0f')} pairs)",
+                      "-" if _cell(r["p_value"]) == "-" else
+                      f"{r['p_value']:.3f} ({r['p_adjusted']:.3f}, {r['pairs']:.0f} pairs)",
                       f"{_cell(r['tf_repeats'], '.0f')}/{_cell(r['torch_repeats'], '.0f')}", r["verdict"])
     console.print(table)
     console.print(f"[dim]{escape(verdicts.RULE)}[/]")
