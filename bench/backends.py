@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from scaling import metrics
 
 BASELINE = {"torch": "torch", "tf": "tf"}
 BACKENDS = {  # backend -> framework
@@ -50,16 +51,15 @@ def main() -> None:
     args = ap.parse_args()
     backends = args.backends.split(",")
     cells = [(b, 1) for b in BASELINE] + [(b, n) for b in backends for n in (1, 2)]
-    sps: dict[tuple[str, int], list[float]] = {}
+    recs = []
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):
             for backend, n in cells:
                 rec = run(backend, n, rep, args, Path(tmp))
-                value = rec["metrics"]["samples_per_s"]
-                sps.setdefault((backend, n), []).append(value)
-                print(f"repeat {rep + 1}: {backend:15s} N={n} {value:12,.0f} samples/s", file=sys.stderr, flush=True)
-    med = {k: statistics.median(v) for k, v in sps.items()}
-    spread = {k: (min(v), max(v)) for k, v in sps.items()}
+                recs.append(rec)
+                print(f"repeat {rep + 1}: {backend:15s} N={n} {rec['metrics']['samples_per_s']:12,.0f} samples/s",
+                      file=sys.stderr, flush=True)
+    summary = summarize(recs)
     cpu = rec["environment"]["cpu_model"]
     print(f"\n{args.workload}, per-device batch 64, {args.epochs} epoch(s)"
           f"{f', {args.max_steps} steps/epoch' if args.max_steps else ''}, median of {args.repeats} interleaved repeats; "
@@ -67,13 +67,30 @@ def main() -> None:
     print("| backend | N=1 samples/s | vs plain loop at N=1 | N=2 samples/s | speedup N=2/N=1 |")
     print("|---|---|---|---|---|")
     for fw, base in BASELINE.items():
-        lo, hi = spread[(base, 1)]
-        print(f"| {base} (plain single-device loop) | {med[(base, 1)]:,.0f} ({lo:,.0f}-{hi:,.0f}) | 1.00 | - | - |")
+        b1 = summary[(base, 1)]
+        print(f"| {base} (plain single-device loop) | {b1['median']:,.0f} ({b1['min']:,.0f}-{b1['max']:,.0f}) | 1.00 | - | - |")
     for b in backends:
-        one, two, base = med[(b, 1)], med[(b, 2)], med[(BASELINE[BACKENDS[b]], 1)]
-        lo1, hi1 = spread[(b, 1)]
-        lo2, hi2 = spread[(b, 2)]
-        print(f"| {b} | {one:,.0f} ({lo1:,.0f}-{hi1:,.0f}) | {one / base:.2f} | {two:,.0f} ({lo2:,.0f}-{hi2:,.0f}) | {two / one:.2f} |")
+        one, two, base = summary[(b, 1)], summary[(b, 2)], summary[(BASELINE[BACKENDS[b]], 1)]
+        print(f"| {b} | {one['median']:,.0f} ({one['min']:,.0f}-{one['max']:,.0f}) | {one['median'] / base['median']:.2f} "
+              f"| {two['median']:,.0f} ({two['min']:,.0f}-{two['max']:,.0f}) | {two['speedup']:.2f} |")
+
+
+def summarize(records: list[dict]) -> dict[tuple[str, int], dict[str, float]]:
+    """Per (backend, N): median, min and max samples/s of the ok records and the speedup over the
+    backend's N = 1 median (``scaling.metrics``, as the aggregate, the dashboard and W&B)."""
+    sps: dict[str, dict[int, list[float]]] = {}
+    for rec in records:
+        if rec["status"] == "ok":
+            cfg = rec["config"]
+            n = int(cfg["devices"]) * int(cfg["cluster"]["nodes"])
+            sps.setdefault(cfg["backend"]["name"], {}).setdefault(n, []).append(rec["metrics"]["samples_per_s"])
+    out = {}
+    for backend, by_n in sps.items():
+        speedups = metrics.cell_speedups(by_n)
+        for n, values in by_n.items():
+            out[(backend, n)] = {"median": metrics.median(values), "min": min(values), "max": max(values),
+                                 "speedup": speedups[n]}
+    return out
 
 
 if __name__ == "__main__":

@@ -244,6 +244,14 @@ def _supervise(procs: list[_Proc], run_dir: Path) -> str | None:
     return None
 
 
+def ranks_in_sync(digests: list[str]) -> bool | None:
+    """Whether every replica ended with the same parameters; None with fewer than two replicas,
+    where there is nothing to compare (one digest always agrees with itself)."""
+    if len(digests) < 2:
+        return None
+    return len(set(digests)) == 1
+
+
 def _finish(cfg: dict, run_id: str, group: str, results: Path, run_dir: Path, procs: list[_Proc],
             failure: str | None) -> dict:
     """One record for the run: rank 0's, with every rank's report added; a failed one otherwise."""
@@ -264,8 +272,7 @@ def _finish(cfg: dict, run_id: str, group: str, results: Path, run_dir: Path, pr
     record["ranks"] = exits
     digests = [tuple(e.get("param_digests") or ()) for e in exits]
     if record["metrics"] is not None and digests and all(digests):
-        flat = {d for ds in digests for d in ds}
-        record["metrics"]["ranks_in_sync"] = len(flat) == 1
+        record["metrics"]["ranks_in_sync"] = ranks_in_sync([d for ds in digests for d in ds])
     records.write_record(record, results)
     record["path"] = str(path)
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -2,21 +2,18 @@
 
 No framework imports (pandas and numpy only), so the CLI, the report and the tests load it at once.
 
-Definitions (the same for weak and strong scaling; only what is held fixed differs):
+A cell is (study, backend, settings, layout): the study is (sweep, workload and its parameters,
+data, scaling mode, variant, other overrides), the settings are the backend's fast modes
+(``fast``, ``steps_per_call``, ``jit_compile``), the layout is ``<devices per node>x<nodes>``.
+Records that differ in any of them are never pooled; ``N`` = devices per node x nodes is the x
+axis, the layout is shown beside it.
 
-* ``N`` = devices per node x nodes.
-* throughput = global samples/s of the timed steps (the record's ``samples_per_s``); the median
-  over repeats is the cell's figure, min and max its spread.
-* speedup ``S(N) = throughput(N) / throughput(1)`` of the same backend, workload, data, scaling
-  mode and variant. Weak scaling: the per-device batch is fixed, so ideal throughput grows as N.
-  Strong scaling: the global batch is fixed, so the ideal step time shrinks as 1/N and again the
-  ideal throughput grows as N. Either way ``efficiency = S(N) / N`` and 1 is ideal.
-* Karp-Flatt serial fraction ``e = (1/S - 1/N) / (1 - 1/N)`` for N > 1: the Amdahl serial
-  fraction that would explain the measured speedup; above 1 when adding devices slows a run down.
+throughput = global samples/s of the timed steps (the record's ``samples_per_s``); the median over
+repeats is the cell's figure, min and max its spread. Speedup, efficiency and the serial fractions
+(Karp-Flatt for strong scaling, Gustafson for weak) are defined in ``scaling.metrics``.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import re
@@ -24,14 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 import pandas as pd
 
+from scaling import metrics
 from scaling.records import SCHEMA_VERSION
 
-#: what identifies one aggregate cell, apart from N (the repeats are aggregated over)
-STUDY_KEYS = ["sweep", "workload", "data", "scaling", "variant"]
-CELL_KEYS = STUDY_KEYS + ["backend", "framework"]
+#: what identifies one study (the backends compared with each other)
+STUDY_KEYS = ["sweep", "workload", "workload_params", "data", "scaling", "variant", "overrides"]
+#: one backend's series in a study (N = 1 is its speedup base)
+CELL_KEYS = STUDY_KEYS + ["backend", "framework", "settings"]
+#: one aggregate cell: the repeats of a series at one layout
+AGG_KEYS = CELL_KEYS + ["N", "layout"]
+#: backend options that change how fast a step runs; a record's values are part of its cell
+FAST_SETTINGS = ("fast", "steps_per_call", "jit_compile")
 #: ``*-r<repeat>`` or ``*-r<repeat>-<hash of other overrides>`` (scaling/sweep.py's cell ids)
 _CELL_ID = re.compile(r"-r\d+(?:-([0-9a-f]{8}))?$")
 
@@ -122,6 +124,33 @@ def accelerator(env: dict | None) -> str:
     return "gpu" if device.startswith(("cuda", "gpu", "GPU", "/GPU")) else "cpu"
 
 
+def _text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def workload_params(workload: dict) -> str:
+    """The workload's parameters other than its name, e.g. ``hidden=128, parameters=101770``."""
+    return ", ".join(f"{k}={_text(v)}" for k, v in sorted((workload or {}).items()) if k != "name")
+
+
+def fast_settings(backend: dict) -> str:
+    """The backend's fast-mode settings in force, e.g. ``jit_compile=false, steps_per_call=10``."""
+    return ", ".join(f"{k}={_text(backend[k])}" for k in FAST_SETTINGS if k in (backend or {}))
+
+
+def run_conditions(record: dict) -> str:
+    """What a run's speed depends on besides its cell: threads per rank, CPU placement and the
+    evaluation work per rank. Records written before these were recorded fall back to the threads
+    the environment saw in force (else the config's) and the environment's pinned CPUs."""
+    cfg, m, env = record.get("config") or {}, record.get("metrics") or {}, record.get("environment") or {}
+    cond = dict(m.get("conditions") or {})
+    threads = cond.get("threads", env.get("threads", cfg.get("threads")))  # the threads in force, then the asked
+    placement = cond.get("placement", cfg.get("placement", "default"))
+    pinned = cond.get("pinned", bool(env.get("pinned_cpus")))
+    evaluation = cond.get("evaluation", "unrecorded")
+    return f"threads={threads}, placement={placement}, pinned={_text(bool(pinned))}, evaluation={evaluation}"
+
+
 def tidy(records: Iterable[dict], paths: Iterable[Path] | None = None) -> pd.DataFrame:
     """One row per record (one repeat of one cell), with ``N = devices x nodes``."""
     rows = []
@@ -144,13 +173,18 @@ def tidy(records: Iterable[dict], paths: Iterable[Path] | None = None) -> pd.Dat
             "backend": _get(cfg, "backend", "name", default="?"),
             "framework": _get(cfg, "backend", "framework", default="?"),
             "workload": workload,
+            "workload_params": workload_params(_get(cfg, "workload", default={})),
+            "settings": fast_settings(_get(cfg, "backend", default={})),
             "parameters": _get(cfg, "workload", "parameters", default=WORKLOAD_PARAMETERS.get(workload)),
             "data": _get(cfg, "data", "name", default="?"),
             "scaling": cfg.get("scaling", "weak"),
-            "variant": (match.group(1) or "") if match else "",
+            "variant": str(cfg.get("variant") or "defaults"),
+            "overrides": (match.group(1) or "") if match else "",
             "devices_per_node": devices,
             "nodes": nodes,
             "N": devices * nodes,
+            "layout": f"{devices}x{nodes}",
+            "conditions": run_conditions(r),
             "repeat": cfg.get("repeat", 0),
             "per_device_batch": m.get("per_device_batch", _get(cfg, "train", "per_device_batch")),
             "global_batch": m.get("global_batch"),
@@ -183,24 +217,19 @@ def tidy(records: Iterable[dict], paths: Iterable[Path] | None = None) -> pd.Dat
         })
     df = pd.DataFrame(rows)
     if df.empty:
-        return pd.DataFrame(columns=["sweep", "run_id", "status", "backend", "framework", "workload", "data",
-                                     "scaling", "variant", "N", "repeat", "samples_per_s"])
-    return df.sort_values(CELL_KEYS + ["N", "repeat"], kind="stable").reset_index(drop=True)
-
-
-def karp_flatt(speedup: float, n: float) -> float:
-    """Karp-Flatt experimentally determined serial fraction; NaN for N = 1 or no speedup."""
-    if not (n > 1) or not (speedup > 0):
-        return math.nan
-    return (1.0 / speedup - 1.0 / n) / (1.0 - 1.0 / n)
+        return pd.DataFrame(columns=AGG_KEYS + ["run_id", "status", "repeat", "samples_per_s"])
+    return df.sort_values(AGG_KEYS + ["repeat"], kind="stable").reset_index(drop=True)
 
 
 def aggregate(cells: pd.DataFrame) -> pd.DataFrame:
-    """One row per (study, backend, N): median and spread over the ok repeats, speedup, efficiency,
-    Karp-Flatt fraction, step times, time-to-accuracy and accuracy. Failed repeats are counted."""
+    """One row per cell (study, backend, settings, N, layout): median and spread over the ok repeats,
+    speedup over the backend's own N = 1 cell, efficiency, the serial fraction of the scaling mode's
+    law (``scaling.metrics``), step times, time-to-accuracy and accuracy. Failed repeats are
+    counted; ``conditions_note`` says when the repeats, or the cell and its N = 1 base, ran under
+    different conditions (threads, CPU placement, evaluation work)."""
     if cells.empty or "status" not in cells:
         return pd.DataFrame()
-    keys = CELL_KEYS + ["N"]
+    keys = AGG_KEYS
     failed = cells[cells["status"] != "ok"].groupby(keys, dropna=False).size().rename("failed")
     ok = cells[(cells["status"] == "ok") & cells["samples_per_s"].notna()]
     if ok.empty:
@@ -210,6 +239,7 @@ def aggregate(cells: pd.DataFrame) -> pd.DataFrame:
     agg = pd.DataFrame({
         "repeats": g.size(),
         "nodes": g["nodes"].max(),
+        "devices_per_node": g["devices_per_node"].max(),
         "global_batch": g["global_batch"].median(),
         "per_device_batch": g["per_device_batch"].median(),
         "throughput": thr.median(),
@@ -229,21 +259,47 @@ def aggregate(cells: pd.DataFrame) -> pd.DataFrame:
         "train_time_s": g["train_time_s"].median(),
         "startup_s": g["startup_s"].median(),
         "accelerator": g["accelerator"].agg(lambda s: "gpu" if (s == "gpu").any() else "cpu"),
+        "conditions": g["conditions"].agg(lambda s: " | ".join(sorted(set(s)))),
     })
     agg = agg.join(failed, how="left")
     agg["failed"] = agg["failed"].fillna(0).astype(int)
     agg["throughput_spread"] = (agg["throughput_max"] - agg["throughput_min"]) / agg["throughput"]
     agg = agg.reset_index()
 
-    base = agg[agg["N"] == 1].set_index(CELL_KEYS)[["throughput", "throughput_min", "throughput_max"]]
+    base = agg[agg["N"] == 1].set_index(CELL_KEYS)[["throughput", "throughput_min", "throughput_max", "conditions"]]
     joined = agg.join(base.add_suffix("_1"), on=CELL_KEYS)
-    agg["speedup"] = joined["throughput"] / joined["throughput_1"]
+    agg["base_throughput"] = joined["throughput_1"]
+    agg["speedup"] = [metrics.speedup(t, b) for t, b in zip(joined["throughput"], joined["throughput_1"])]
     # the repeat-range of the speedup: worst N-repeat over best 1-repeat, and the other way round
     agg["speedup_min"] = joined["throughput_min"] / joined["throughput_max_1"]
     agg["speedup_max"] = joined["throughput_max"] / joined["throughput_min_1"]
-    agg["efficiency"] = agg["speedup"] / agg["N"]
-    agg["karp_flatt"] = [karp_flatt(s, n) for s, n in zip(agg["speedup"], agg["N"])]
+    agg["efficiency"] = [metrics.efficiency(s, n) for s, n in zip(agg["speedup"], agg["N"])]
+    agg["serial_fraction"] = [metrics.serial_fraction(s, n, sc) for s, n, sc in zip(agg["speedup"], agg["N"], agg["scaling"])]
+    agg["serial_law"] = [metrics.serial_law(sc) for sc in agg["scaling"]]
+    agg["conditions_note"] = [_conditions_note(c, c1) for c, c1 in zip(joined["conditions"], joined["conditions_1"])]
     return agg.sort_values(keys, kind="stable").reset_index(drop=True)
+
+
+def _conditions_note(conditions: str, base: Any) -> str:
+    notes = []
+    if " | " in conditions:
+        notes.append(f"repeats ran under different conditions ({conditions})")
+    elif isinstance(base, str) and " | " not in base and base != conditions:
+        here, there = (dict(kv.split("=", 1) for kv in c.split(", ")) for c in (conditions, base))
+        diff = [k for k in here if here[k] != there.get(k)]
+        notes.append("the N=1 base ran under other conditions: "
+                     + ", ".join(f"{k}={there.get(k)} there, {here[k]} here" for k in diff))
+    elif isinstance(base, str) and base != conditions:
+        notes.append(f"the N=1 base's repeats ran under different conditions ({base})")
+    return "; ".join(notes)
+
+
+def condition_flags(agg: pd.DataFrame) -> list[str]:
+    """Sentences naming the cells whose repeats or N = 1 base ran under different conditions."""
+    if agg.empty or "conditions_note" not in agg:
+        return []
+    return [f"{r['backend']} N={r['N']} ({r['layout']}, {r['workload']}, sweep {r['sweep']}): {r['conditions_note']}"
+            for r in agg.to_dict("records") if r["conditions_note"]]
 
 
 def missing_baselines(agg: pd.DataFrame) -> list[str]:
@@ -264,83 +320,6 @@ def missing_baselines(agg: pd.DataFrame) -> list[str]:
 
 SEED_CLAIM = ("TensorFlow typically outperforms in large-scale distributed systems, especially with "
               "multi-GPU setups")
-SIGNIFICANCE_RULE = (
-    "A difference counts only when every repeat of one framework's best backend beat every repeat of "
-    "the other's, i.e. the repeat-range interval of the ratio [min TF / max PyTorch, max TF / min PyTorch] "
-    "excludes 1. That is the exact Mann-Whitney rank test with U = 0 (p shown is its exact two-sided "
-    "value; with 3 repeats a side it is 0.10, with 5 a side 0.008). Fewer than 2 repeats a side: no verdict. "
-    "The best backend of each framework is the one with the highest median throughput at that device count."
-)
-
-
-def mann_whitney_exact_p(a: Iterable[float], b: Iterable[float]) -> float:
-    """Exact two-sided permutation p-value of the Mann-Whitney U statistic (small samples)."""
-    a, b = list(a), list(b)
-    n, m = len(a), len(b)
-    if n == 0 or m == 0:
-        return math.nan
-
-    def u(xs: list[float], ys: list[float]) -> float:
-        return sum((x > y) + 0.5 * (x == y) for x in xs for y in ys)
-
-    pooled = a + b
-    observed = abs(u(a, b) - n * m / 2)
-    total = extreme = 0
-    for idx in itertools.combinations(range(n + m), n):
-        chosen = set(idx)
-        xs = [pooled[i] for i in idx]
-        ys = [pooled[i] for i in range(n + m) if i not in chosen]
-        total += 1
-        extreme += abs(u(xs, ys) - n * m / 2) >= observed - 1e-12
-        if total > 200_000:  # too many to enumerate; never reached with a handful of repeats
-            break
-    return extreme / total
-
-
-def seed_claim(cells: pd.DataFrame) -> pd.DataFrame:
-    """For each study and device count: best TF backend vs best PyTorch backend throughput ratio, its
-    repeat-range interval, the exact rank-test p and a verdict (see ``SIGNIFICANCE_RULE``)."""
-    cols = STUDY_KEYS + ["N", "tf_backend", "torch_backend", "tf_throughput", "torch_throughput", "ratio",
-                         "ratio_low", "ratio_high", "p_value", "tf_repeats", "torch_repeats", "verdict"]
-    ok = cells[(cells["status"] == "ok") & cells["samples_per_s"].notna()] if not cells.empty else cells
-    rows = []
-    if ok.empty:
-        return pd.DataFrame(columns=cols)
-    for key, grp in ok.groupby(STUDY_KEYS + ["N"], dropna=False):
-        best = {}
-        for fw in ("tf", "torch"):
-            side = grp[grp["framework"] == fw]
-            if side.empty:
-                continue
-            med = side.groupby("backend")["samples_per_s"].median()
-            name = med.idxmax()
-            best[fw] = (name, side.loc[side["backend"] == name, "samples_per_s"].to_numpy())
-        row = dict(zip(STUDY_KEYS + ["N"], key))
-        if len(best) < 2:
-            have = next(iter(best), None)
-            row.update(verdict=f"not comparable: only {'TF' if have == 'tf' else 'PyTorch'} measured at N={row['N']}")
-            for fw in best:
-                row[f"{fw}_backend"], vals = best[fw]
-                row[f"{fw}_throughput"], row[f"{fw}_repeats"] = float(np.median(vals)), len(vals)
-            rows.append(row)
-            continue
-        (tf_name, tf), (pt_name, pt) = best["tf"], best["torch"]
-        ratio = float(np.median(tf) / np.median(pt))
-        low, high = float(tf.min() / pt.max()), float(tf.max() / pt.min())
-        p = mann_whitney_exact_p(tf, pt)
-        if len(tf) < 2 or len(pt) < 2:
-            verdict = "not enough repeats for a verdict"
-        elif low > 1:
-            verdict = "TF faster"
-        elif high < 1:
-            verdict = "PyTorch faster"
-        else:
-            verdict = "no significant difference"
-        row.update(tf_backend=tf_name, torch_backend=pt_name, tf_throughput=float(np.median(tf)),
-                   torch_throughput=float(np.median(pt)), ratio=ratio, ratio_low=low, ratio_high=high,
-                   p_value=p, tf_repeats=len(tf), torch_repeats=len(pt), verdict=verdict)
-        rows.append(row)
-    return pd.DataFrame(rows, columns=cols)
 
 
 # -- inventory ----------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 offline) and the main figures as PNG files, from the records alone.
 
 Per study (sweep x workload x data x scaling mode): throughput vs devices with the ideal line,
-efficiency, step time p50/p95, accuracy and time-to-accuracy, the seed-claim table (best TF vs best
-PyTorch backend per device count, with a stated significance rule) and the scaling model (measured
+efficiency, step time p50/p95, accuracy and time-to-accuracy, the two seed-claim verdicts per device
+count (faster at N, scales better to N; ``scaling.report_cells``) and the scaling model (measured
 points and predictions to 1024 devices). A folder that is empty, partial or holds other schema
 versions gives a report that says what is missing.
 """
@@ -23,7 +23,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from scaling import analysis, scaling_model
+from scaling import analysis, report_cells, scaling_model, verdicts
+from scaling.predict import fmt_param
 
 # TF backends in warm colours, PyTorch backends in cool ones: the seed claim reads off the hue.
 _TF_COLOURS = ["#d95f02", "#e6ab02", "#a6761d", "#e7298a", "#b2182b"]
@@ -51,14 +52,18 @@ class Study:
 
     @property
     def slug(self) -> str:
-        parts = [self.key["sweep"], self.key["workload"], self.key["data"], self.key["scaling"], self.key["variant"]]
+        k = self.key
+        params = ", ".join(p for p in str(k["workload_params"]).split(", ") if not p.startswith("parameters="))
+        parts = [k["sweep"], k["workload"], params, k["data"], k["scaling"],
+                 "" if k["variant"] == "defaults" else k["variant"], k["overrides"]]
         return re.sub(r"[^A-Za-z0-9_.=-]", "_", "-".join(str(p) for p in parts if p))
 
     @property
     def title(self) -> str:
         k = self.key
-        variant = f", variant {k['variant']}" if k["variant"] else ""
-        return f"sweep {k['sweep']}: {k['workload']} on {k['data']}, {k['scaling']} scaling{variant}"
+        extra = ", ".join(x for x in (f"variant {k['variant']}", k["workload_params"],
+                                      k["overrides"] and f"overrides {k['overrides']}") if x)
+        return f"sweep {k['sweep']}: {k['workload']} on {k['data']}, {k['scaling']} scaling ({extra})"
 
 
 @dataclass
@@ -107,18 +112,18 @@ def _figures(study: Study, colour: dict[str, str]) -> list[Figure]:
 
     # throughput with the ideal line N x throughput(1)
     fig = go.Figure()
-    for backend, g in agg.groupby("backend", sort=True):
+    for backend, name, g in report_cells.series(agg):
         c = colour[backend]
         fig.add_trace(go.Scatter(
-            x=g["N"], y=g["throughput"], name=backend, mode="lines+markers", legendgroup=backend,
-            line={"color": c, "width": 2}, marker={"size": 8},
+            x=g["N"], y=g["throughput"], name=name, mode="lines+markers", legendgroup=name,
+            line={"color": c, "width": 2}, marker={"size": 8}, customdata=g[["layout"]],
             error_y={"type": "data", "symmetric": False, "array": g["throughput_max"] - g["throughput"],
                      "arrayminus": g["throughput"] - g["throughput_min"], "thickness": 1.2, "width": 4},
-            hovertemplate=f"{backend}<br>N=%{{x}}<br>%{{y:,.0f}} samples/s<extra></extra>"))
-        base = g.loc[g["N"] == 1, "throughput"]
-        if not base.empty and len(g) > 1:
+            hovertemplate=report_cells.hover(name, "%{y:,.0f} samples/s")))
+        base = g["base_throughput"].iloc[0]
+        if base == base and len(g) > 1:
             fig.add_trace(go.Scatter(
-                x=g["N"], y=base.iloc[0] * g["N"], name=f"{backend} ideal", mode="lines", legendgroup=backend,
+                x=g["N"], y=base * g["N"], name=f"{name} ideal", mode="lines", legendgroup=name,
                 line={"color": c, "dash": "dot", "width": 1}, showlegend=False, hoverinfo="skip"))
     fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line={"color": "#777", "dash": "dot", "width": 1},
                              name="ideal (N x one-device)"))
@@ -128,17 +133,17 @@ def _figures(study: Study, colour: dict[str, str]) -> list[Figure]:
 
     # efficiency
     fig = go.Figure()
-    for backend, g in agg[agg["speedup"].notna()].groupby("backend", sort=True):
+    for backend, name, g in report_cells.series(agg[agg["speedup"].notna()]):
         fig.add_trace(go.Scatter(
-            x=g["N"], y=g["efficiency"], name=backend, mode="lines+markers", line={"color": colour[backend], "width": 2},
+            x=g["N"], y=g["efficiency"], name=name, mode="lines+markers", line={"color": colour[backend], "width": 2},
             marker={"size": 8},
             error_y={"type": "data", "symmetric": False,  # none at N = 1: efficiency 1 by definition
                      "array": (g["speedup_max"] / g["N"] - g["efficiency"]).where(g["N"] > 1, 0),
                      "arrayminus": (g["efficiency"] - g["speedup_min"] / g["N"]).where(g["N"] > 1, 0),
                      "thickness": 1.2, "width": 4},
-            customdata=np.stack([g["speedup"], g["karp_flatt"]], axis=1),
-            hovertemplate=(f"{backend}<br>N=%{{x}}<br>efficiency %{{y:.1%}}<br>speedup %{{customdata[0]:.2f}}"
-                           "<br>Karp-Flatt e %{customdata[1]:.2f}<extra></extra>")))
+            customdata=np.stack([g["layout"], g["speedup"], g["serial_fraction"]], axis=1),
+            hovertemplate=report_cells.hover(name, "efficiency %{y:.1%}<br>speedup %{customdata[1]:.2f}<br>"
+                                             f"{g['serial_law'].iloc[0]} serial fraction %{{customdata[2]:.2f}}")))
     fig.add_hline(y=1.0, line={"color": "#777", "dash": "dot", "width": 1}, annotation_text="ideal",
                   annotation_position="top left")
     _layout(fig, "Scaling efficiency S(N)/N (bars = repeat range)", "devices N", "efficiency", ns, log_x)
@@ -147,22 +152,22 @@ def _figures(study: Study, colour: dict[str, str]) -> list[Figure]:
 
     # step time p50 / p95
     fig = go.Figure()
-    for backend, g in agg.groupby("backend", sort=True):
+    for backend, name, g in report_cells.series(agg):
         c = colour[backend]
-        fig.add_trace(go.Scatter(x=g["N"], y=g["step_time_p50_s"] * 1e3, name=backend, legendgroup=backend,
+        fig.add_trace(go.Scatter(x=g["N"], y=g["step_time_p50_s"] * 1e3, name=name, legendgroup=name,
                                  mode="lines+markers", line={"color": c, "width": 2}, marker={"size": 8},
-                                 hovertemplate=f"{backend} p50<br>N=%{{x}}<br>%{{y:.3f}} ms<extra></extra>"))
-        fig.add_trace(go.Scatter(x=g["N"], y=g["step_time_p95_s"] * 1e3, name=f"{backend} p95", legendgroup=backend,
+                                 customdata=g[["layout"]], hovertemplate=report_cells.hover(name, "p50 %{y:.3f} ms")))
+        fig.add_trace(go.Scatter(x=g["N"], y=g["step_time_p95_s"] * 1e3, name=f"{name} p95", legendgroup=name,
                                  mode="lines+markers", line={"color": c, "width": 1, "dash": "dash"}, showlegend=False,
-                                 marker={"size": 6, "symbol": "triangle-up"},
-                                 hovertemplate=f"{backend} p95<br>N=%{{x}}<br>%{{y:.3f}} ms<extra></extra>"))
+                                 marker={"size": 6, "symbol": "triangle-up"}, customdata=g[["layout"]],
+                                 hovertemplate=report_cells.hover(name, "p95 %{y:.3f} ms")))
     _layout(fig, "Step time per device, p50 (solid) and p95 (dashed)", "devices N", "ms per step", ns, log_x)
     figs.append(Figure(f"{slug}-step-time", "Step time", fig))
 
     # final accuracy and time-to-accuracy per cell
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12, subplot_titles=(
         "final test accuracy (bars = repeat range)", f"time to {agg['target_accuracy'].max():.0%} test accuracy"))
-    labels = [f"{b} N={n}" for b, n in zip(agg["backend"], agg["N"])]
+    labels = [f"{b} N={n} ({lay})" for b, n, lay in zip(agg["backend"], agg["N"], agg["layout"])]
     bar_colours = [colour[b] for b in agg["backend"]]
     fig.add_trace(go.Bar(
         x=labels, y=agg["final_test_accuracy"], marker_color=bar_colours, showlegend=False,
@@ -228,8 +233,8 @@ def _figures(study: Study, colour: dict[str, str]) -> list[Figure]:
                      "all-latency reading (α only)")
                 line(pred["throughput_bandwidth_only"], "all-bandwidth", {"color": c, "width": 1.2, "dash": "longdash"},
                      "all-bandwidth reading (β only)")
-            if "amdahl_throughput" in pred:
-                line(pred["amdahl_throughput"], "Amdahl", {"color": "#444", "width": 1.2, "dash": "dot"}, "Amdahl")
+            if "law_throughput" in pred:
+                line(pred["law_throughput"], fit.law_name, {"color": "#444", "width": 1.2, "dash": "dot"}, fit.law_name)
             meas = study.cells[(study.cells["backend"] == backend) & (study.cells["status"] == "ok")]
             fig.add_trace(go.Scatter(x=meas["N"], y=meas["samples_per_s"], mode="markers", name="measured (each repeat)",
                                      legendgroup="measured", showlegend=False,
@@ -246,6 +251,7 @@ def _figures(study: Study, colour: dict[str, str]) -> list[Figure]:
             "all-latency reading (α only)": {"mode": "lines", "line": {"color": "#555", "width": 1.2, "dash": "dash"}},
             "all-bandwidth reading (β only)": {"mode": "lines", "line": {"color": "#555", "width": 1.2, "dash": "longdash"}},
             "Amdahl": {"mode": "lines", "line": {"color": "#444", "width": 1.2, "dash": "dot"}},
+            "Gustafson": {"mode": "lines", "line": {"color": "#444", "width": 1.2, "dash": "dot"}},
         }
         for name, style in legend_styles.items():
             if name in shown or (name.startswith("measured") and "measured" in shown):
@@ -280,7 +286,7 @@ def studies(cells: pd.DataFrame, bootstrap: int = scaling_model.BOOTSTRAP) -> li
     if cells.empty:
         return out
     agg_all = analysis.aggregate(cells)
-    claim_all = analysis.seed_claim(cells)
+    claim_all = verdicts.verdicts(cells)
     for key, grp in cells.groupby(analysis.STUDY_KEYS, dropna=False, sort=True):
         k = dict(zip(analysis.STUDY_KEYS, key))
         sel = lambda df: df[np.logical_and.reduce([df[c] == v for c, v in k.items()])] if not df.empty else df  # noqa: E731
@@ -353,7 +359,8 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None, png: bool 
         for r in failed.itertuples():
             first = str(r.error or "no error message").strip().splitlines()
             problems.append(f"failed run {r.sweep}/{r.run_id}: {first[-1] if first else ''}"[:300])
-        problems += analysis.missing_baselines(analysis.aggregate(cells))
+        agg = analysis.aggregate(cells)
+        problems += analysis.missing_baselines(agg) + analysis.condition_flags(agg)
     study_list = studies(cells, bootstrap=bootstrap)
     colour = colours(cells)
     figures: list[Figure] = []
@@ -459,20 +466,7 @@ def _hardware_banner(cells: pd.DataFrame) -> str:
 
 
 def _claim_section(s: Study) -> str:
-    if s.claim.empty:
-        return "<p>No seed-claim comparison: no successful runs.</p>"
-    cl = s.claim.copy()
-    cl["interval"] = [("-" if math.isnan(lo) else f"{lo:.2f} .. {hi:.2f}") for lo, hi in
-                      zip(cl["ratio_low"].astype(float), cl["ratio_high"].astype(float))]
-    cl["repeats"] = [f"{_fmt(a, '.0f')} / {_fmt(b, '.0f')}" for a, b in zip(cl["tf_repeats"].astype(float), cl["torch_repeats"].astype(float))]
-    verdict_class = lambda r: {"verdict": "v-tf" if r["verdict"] == "TF faster" else  # noqa: E731
-                               "v-torch" if r["verdict"] == "PyTorch faster" else "v-none"}
-    table = _table(cl, [("N", "devices", "d"), ("tf_backend", "best TF backend", "s"), ("tf_throughput", "TF samples/s", ",.0f"),
-                        ("torch_backend", "best PyTorch backend", "s"), ("torch_throughput", "PyTorch samples/s", ",.0f"),
-                        ("ratio", "TF / PyTorch", ".2f"), ("interval", "repeat-range interval", "s"),
-                        ("p_value", "exact p", ".3f"), ("repeats", "repeats TF / PT", "s"), ("verdict", "verdict", "s")],
-                   row_class=verdict_class)
-    return table
+    return report_cells.verdict_section(s.claim, _table)
 
 
 def _model_section(s: Study) -> str:
@@ -484,8 +478,10 @@ def _model_section(s: Study) -> str:
     parts = ["<p>Step time <code>T(N) = T_compute(N) + 2(N-1)&alpha; + 2(N-1)/N &middot; S/&beta;</code> with "
              f"<code>S</code> = {s.fits[0].grad_bytes:,} gradient bytes (fp32) and <code>T_compute</code> constant (weak) "
              "or <code>T0/N</code> (strong), fitted by non-negative least squares of relative errors over every repeat; "
-             "95% intervals by bootstrap over repeats within each N (rough with 2-3 repeats). "
-             "Amdahl: the least-squares serial fraction of <code>1/S = f + (1-f)/N</code>.</p>"]
+             "intervals: 95% bootstrap over repeats within each N, widened by the model's largest leave-one-N-out "
+             "error (so they include model error, not only repeat noise). Beside it the scaling mode's law, fitted "
+             "by least squares over the median speedups: Amdahl <code>1/S = f + (1-f)/N</code> (strong scaling), "
+             "Gustafson <code>S = N - s(N-1)</code> (weak scaling).</p>"]
     rows = []
     targets = [16, 64, 256, 1024]
     for fit in s.fits:
@@ -497,18 +493,18 @@ def _model_section(s: Study) -> str:
             if r.empty:
                 return "-"
             r = r.iloc[0]
-            return (f"{scaling_model.fmt_param(name, r['value'])} [{scaling_model.fmt_param(name, r['low'])} .. "
-                    f"{scaling_model.fmt_param(name, r['high'])}]")
+            return (f"{fmt_param(name, r['value'])} [{fmt_param(name, r['low'])} .. "
+                    f"{fmt_param(name, r['high'])}]")
 
         if fit.identifiable:
             alpha, beta, t0 = pv("fit", "alpha"), pv("fit", "beta"), pv("fit", "T_compute")
         else:
             lat, bw = par[par["model"] == "latency_only"], par[par["model"] == "bandwidth_only"]
-            alpha = f"not identifiable: 0 .. {scaling_model.fmt_param('alpha', lat[lat['parameter'] == 'alpha']['value'].iloc[0])}" if not lat.empty else "-"
-            beta = f"not identifiable: {scaling_model.fmt_param('beta', bw[bw['parameter'] == 'beta']['value'].iloc[0])} .. inf" if not bw.empty else "-"
+            alpha = f"not identifiable: 0 .. {fmt_param('alpha', lat[lat['parameter'] == 'alpha']['value'].iloc[0])}" if not lat.empty else "-"
+            beta = f"not identifiable: {fmt_param('beta', bw[bw['parameter'] == 'beta']['value'].iloc[0])} .. inf" if not bw.empty else "-"
             t0 = pv("latency_only", "T_compute")
         row = {"backend": fit.key["backend"], "N": ", ".join(map(str, fit.measured_n)), "t0": t0, "alpha": alpha,
-               "beta": beta, "f": pv("amdahl", "serial fraction")}
+               "beta": beta, "f": f"{fit.law_name}: {pv(fit.law_name.lower(), 'serial fraction')}"}
         for n in targets:
             p = pred.loc[n]
             if fit.identifiable:
@@ -517,7 +513,7 @@ def _model_section(s: Study) -> str:
                 row[f"p{n}"] = f"{p['throughput_low']:,.0f} .. {p['throughput_high']:,.0f}"
         rows.append(row)
     cols = [("backend", "backend", "s"), ("N", "N measured", "s"), ("t0", "T_compute [95%]", "s"),
-            ("alpha", "α [95%]", "s"), ("beta", "β [95%]", "s"), ("f", "Amdahl serial fraction [95%]", "s")]
+            ("alpha", "α [95%]", "s"), ("beta", "β [95%]", "s"), ("f", "serial fraction [95%]", "s")]
     parts.append(_table(pd.DataFrame(rows), cols))
     parts.append("<p>Predicted samples/s (efficiency) from the α-β model; a range where α and β are not identifiable:</p>")
     parts.append(_table(pd.DataFrame(rows), [("backend", "backend", "s")] +
@@ -540,10 +536,11 @@ def _model_section(s: Study) -> str:
 
 def _agg_table(agg: pd.DataFrame) -> str:
     return _table(agg, [
-        ("backend", "backend", "s"), ("N", "N", "d"), ("repeats", "repeats", "d"), ("failed", "failed", "d"),
+        ("backend", "backend", "s"), ("settings", "settings", "s"), ("N", "N", "d"), ("layout", "layout", "s"),
+        ("repeats", "repeats", "d"), ("failed", "failed", "d"),
         ("global_batch", "global batch", ",.0f"), ("throughput", "samples/s (median)", ",.0f"),
         ("throughput_min", "min", ",.0f"), ("throughput_max", "max", ",.0f"), ("throughput_spread", "spread", ".0%"),
-        ("speedup", "speedup", ".2f"), ("efficiency", "efficiency", ".0%"), ("karp_flatt", "Karp-Flatt e", ".2f"),
+        ("speedup", "speedup", ".2f"), ("efficiency", "efficiency", ".0%"), ("serial_fraction", f"{agg['serial_law'].iloc[0]} serial", ".2f"),
         ("step_time_p50_s", "step p50 ms", lambda v: _fmt(v * 1e3 if v == v else v, ".3f")),
         ("step_time_p95_s", "step p95 ms", lambda v: _fmt(v * 1e3 if v == v else v, ".3f")),
         ("final_test_accuracy", "final accuracy", ".4f"),
@@ -566,9 +563,9 @@ def render_html(results_dir: Path, loaded: analysis.Loaded, cells: pd.DataFrame,
                      "<a href='#environment'>environment</a><a href='#definitions'>definitions</a></nav>")
     parts.append("<h2>The seed claim</h2>"
                  f"<p class='claim'>&ldquo;{_esc(analysis.SEED_CLAIM)}.&rdquo;</p>"
-                 "<p>Each table below compares, per device count, the fastest TensorFlow backend with the fastest "
-                 "PyTorch backend (ratio of median throughputs; above 1 means TF is faster).</p>"
-                 f"<p><b>Significance rule.</b> {_esc(analysis.SIGNIFICANCE_RULE)}</p>")
+                 "<p>Each study below answers two questions per device count: is TensorFlow <i>faster at N</i> "
+                 "(ratio of median samples/s) and does it <i>scale better to N</i> (ratio of median efficiencies); "
+                 "above 1 favours TF.</p>" + report_cells.rule_paragraph())
     parts.append(_hardware_banner(cells))
     if problems or cells.empty:
         items = "".join(f"<li>{_esc(p)}</li>" for p in problems) or "<li>no records</li>"
@@ -579,7 +576,7 @@ def render_html(results_dir: Path, loaded: analysis.Loaded, cells: pd.DataFrame,
             parts.append(f"<p><i>{_esc(note)}</i></p>")
         if s.agg.empty:
             continue
-        parts.append("<h3>Seed claim: best TF vs best PyTorch backend</h3>" + _claim_section(s))
+        parts.append("<h3>Seed claim: faster at N, scales better to N</h3>" + _claim_section(s))
         parts.append("<div class='grid'>" + "".join(_fig_html(f) for f in s.figures if not f.name.endswith("-model")) + "</div>")
         parts.append("<h3>Aggregate over repeats</h3>" + _agg_table(s.agg))
         parts.append("<h3>Scaling model and predictions</h3>")
@@ -597,13 +594,18 @@ def render_html(results_dir: Path, loaded: analysis.Loaded, cells: pd.DataFrame,
         parts.append("<p class='meta'>PNG figures next to this file: " + ", ".join(_esc(p.name) for p in pngs) + "</p>")
     parts.append(
         "<h2 id='definitions'>Definitions</h2><ul>"
-        "<li><b>N</b> = devices per node &times; nodes (GPUs, or CPU worker processes where there is no GPU).</li>"
+        "<li><b>N</b> = devices per node &times; nodes (GPUs, or CPU worker processes where there is no GPU); "
+        "the <b>layout</b> <code>DxM</code> is D devices per node on M nodes. Layouts, variants, workload "
+        "parameters and fast-mode settings are separate cells, never pooled.</li>"
         "<li><b>Throughput</b>: global samples/s over the timed steps (warm-up excluded); the median of repeats, "
         "with min..max as its spread.</li>"
-        "<li><b>Speedup</b> S(N) = throughput(N) / throughput(1) of the same backend; <b>efficiency</b> = S(N)/N. "
-        "Weak scaling fixes the per-device batch, strong scaling the global batch; either way ideal is S = N.</li>"
-        "<li><b>Karp-Flatt</b> e = (1/S &minus; 1/N) / (1 &minus; 1/N): the serial fraction that explains the speedup; "
-        "above 1 when more devices make the run slower.</li>"
+        "<li><b>Speedup</b> S(N) = median throughput(N) / median throughput(1) of the same backend and settings; "
+        "<b>efficiency</b> = S(N)/N. Weak scaling fixes the per-device batch, strong scaling the global batch; "
+        "either way ideal is S = N.</li>"
+        "<li><b>Karp-Flatt</b> (strong scaling) e = (1/S &minus; 1/N) / (1 &minus; 1/N): the Amdahl serial fraction "
+        "that explains the speedup. <b>Gustafson</b> (weak scaling) s = (N &minus; S) / (N &minus; 1): the serial "
+        "fraction of the scaled speedup S = N &minus; s (N &minus; 1). Either is above 1 when more devices make the "
+        "run slower.</li>"
         "<li><b>Step time</b>: per-step wall time of one worker, p50 and p95 of the timed steps.</li>"
         "<li><b>Time to accuracy</b>: from the first step to the end of the first evaluation at or above the target.</li>"
         "</ul>")

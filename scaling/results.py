@@ -79,7 +79,6 @@ def _list(console, args) -> int:
 
 def _show(console, args) -> int:
     from rich.markup import escape
-    from rich.table import Table
 
     loaded, cells = _load(args.results_dir, args.sweep)
     _notes(console, loaded)
@@ -88,42 +87,68 @@ def _show(console, args) -> int:
         console.print(f"no successful runs{f' in sweep {args.sweep}' if args.sweep else ''} in {args.results_dir}: "
                       "nothing to aggregate")
         return 1
-    for note in analysis.missing_baselines(agg):
+    for note in analysis.missing_baselines(agg) + analysis.condition_flags(agg):
         console.print(f"[yellow]note:[/] {escape(note)}")
     for key, grp in agg.groupby(analysis.STUDY_KEYS, sort=True):
-        k = dict(zip(analysis.STUDY_KEYS, key))
-        title = f"sweep {k['sweep']}: {k['workload']} on {k['data']}, {k['scaling']} scaling" + (
-            f", variant {k['variant']}" if k["variant"] else "")
-        table = Table(title=title, title_justify="left")
-        cols = [("backend", "l"), ("N", "r"), ("reps", "r"), ("samples/s", "r"), ("min..max", "r"), ("speedup", "r"),
-                ("efficiency", "r"), ("Karp-Flatt", "r"), ("step p50/p95 ms", "r"), ("accuracy", "r"), ("time to target", "r")]
-        for name, just in cols:
-            table.add_column(name, justify="right" if just == "r" else "left")
-        for r in grp.to_dict("records"):
-            reps = f"{r['repeats']}" + (f" [red]+{r['failed']} failed[/]" if r["failed"] else "")
-            table.add_row(
-                r["backend"], str(r["N"]), reps, _cell(r["throughput"], ",.0f"),
-                f"{_cell(r['throughput_min'], ',.0f')}..{_cell(r['throughput_max'], ',.0f')}",
-                _cell(r["speedup"], ".2f"), _cell(r["efficiency"], ".0%"), _cell(r["karp_flatt"], ".2f"),
-                f"{_cell(r['step_time_p50_s'] * 1e3, '.3f')} / {_cell(r['step_time_p95_s'] * 1e3, '.3f')}",
-                _cell(r["final_test_accuracy"], ".4f"),
-                "not reached" if math.isnan(r["time_to_accuracy_s"]) else f"{r['time_to_accuracy_s']:.1f} s")
-        console.print(table)
-    claim = analysis.seed_claim(cells)
-    if not claim.empty:
-        table = Table(title="seed claim: best TF vs best PyTorch backend per device count", title_justify="left")
-        for name in ("study", "N", "TF", "PyTorch", "TF / PyTorch", "repeat range", "p", "verdict"):
-            table.add_column(name, justify="left" if name in ("study", "TF", "PyTorch", "verdict") else "right")
-        for r in claim.to_dict("records"):
-            table.add_row(f"{r['sweep']} {r['workload']} {r['scaling']}", str(r["N"]), _cell(r["tf_backend"]),
-                          _cell(r["torch_backend"]), _cell(r["ratio"], ".2f"),
-                          f"{_cell(r['ratio_low'], '.2f')}..{_cell(r['ratio_high'], '.2f')}", _cell(r["p_value"], ".3f"),
-                          r["verdict"])
-        console.print(table)
-        console.print(f"[dim]{escape(analysis.SIGNIFICANCE_RULE)}[/]")
-        if (cells["accelerator"] != "gpu").all():
-            console.print("[yellow]These records have no GPU: CPU-worker results are not a multi-GPU verdict.[/]")
+        console.print(_study_table(key, grp))
+    _verdicts(console, cells)
     return 0
+
+
+def _study_title(key: tuple) -> str:
+    k = dict(zip(analysis.STUDY_KEYS, key))
+    extra = [f"variant {k['variant']}"] + [f"{k['workload_params']}"] * bool(k["workload_params"]) + (
+        [f"overrides {k['overrides']}"] if k["overrides"] else [])
+    return f"sweep {k['sweep']}: {k['workload']} on {k['data']}, {k['scaling']} scaling ({'; '.join(extra)})"
+
+
+def _study_table(key: tuple, grp: pd.DataFrame):
+    from rich.table import Table
+
+    table = Table(title=_study_title(key), title_justify="left")
+    law = grp["serial_law"].iloc[0]
+    cols = [("backend", "l"), ("settings", "l"), ("N", "r"), ("layout", "r"), ("reps", "r"), ("samples/s", "r"),
+            ("min..max", "r"), ("speedup", "r"), ("efficiency", "r"), (f"{law} serial", "r"), ("step p50/p95 ms", "r"),
+            ("accuracy", "r"), ("time to target", "r")]
+    for name, just in cols:
+        table.add_column(name, justify="right" if just == "r" else "left")
+    for r in grp.to_dict("records"):
+        reps = f"{r['repeats']}" + (f" [red]+{r['failed']} failed[/]" if r["failed"] else "")
+        table.add_row(
+            r["backend"], r["settings"] or "-", str(r["N"]), r["layout"], reps, _cell(r["throughput"], ",.0f"),
+            f"{_cell(r['throughput_min'], ',.0f')}..{_cell(r['throughput_max'], ',.0f')}",
+            _cell(r["speedup"], ".2f"), _cell(r["efficiency"], ".0%"), _cell(r["serial_fraction"], ".2f"),
+            f"{_cell(r['step_time_p50_s'] * 1e3, '.3f')} / {_cell(r['step_time_p95_s'] * 1e3, '.3f')}",
+            _cell(r["final_test_accuracy"], ".4f"),
+            "not reached" if math.isnan(r["time_to_accuracy_s"]) else f"{r['time_to_accuracy_s']:.1f} s")
+    return table
+
+
+def _verdicts(console, cells: pd.DataFrame) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from scaling import verdicts
+
+    found = verdicts.verdicts(cells)
+    if found.empty:
+        return
+    table = Table(title="seed claim: TF vs PyTorch per device count (faster at N; scales better to N)",
+                  title_justify="left")
+    for name in ("study", "N", "layout", "question", "TF", "PyTorch", "TF / PyTorch", "95% interval", "Cliff's d",
+                 "p (Holm)", "reps TF/PT", "verdict"):
+        table.add_column(name, justify="left" if name in ("study", "question", "TF", "PyTorch", "verdict") else "right")
+    for r in found.to_dict("records"):
+        table.add_row(f"{r['sweep']} {r['workload']} {r['scaling']}", str(r["N"]), r["layout"], r["question"],
+                      _cell(r["tf_backend"]), _cell(r["torch_backend"]), _cell(r["ratio"], ".2f"),
+                      f"{_cell(r['ratio_low'], '.2f')}..{_cell(r['ratio_high'], '.2f')}", _cell(r["cliffs_delta"], "+.2f"),
+                      "-" if _cell(r["p_value"]) == "-" else
+                      f"{r['p_value']:.3f} ({r['p_adjusted']:.3f}, {r['pairs']:.0f} pairs)",
+                      f"{_cell(r['tf_repeats'], '.0f')}/{_cell(r['torch_repeats'], '.0f')}", r["verdict"])
+    console.print(table)
+    console.print(f"[dim]{escape(verdicts.RULE)}[/]")
+    if (cells["accelerator"] != "gpu").all():
+        console.print("[yellow]These records have no GPU: CPU-worker results are not a multi-GPU verdict.[/]")
 
 
 def export(cells: pd.DataFrame, csv: str | Path | None = None, parquet: str | Path | None = None) -> list[Path]:

@@ -16,18 +16,17 @@ predicted throughput without another assumption.
 With N = 1 and 2 only, ``alpha`` and ``beta`` cannot be told apart (one extra point, two costs):
 the fit says so and brackets every prediction between the two extreme readings of the measured
 cost, all latency (grows as N) and all bandwidth (saturates at 2 S / beta). Intervals are
-percentiles of a bootstrap over repeats within each N; with 2 or 3 repeats they are rough.
+percentiles of a bootstrap over repeats within each N, widened by the model's own error: the
+largest leave-one-N-out prediction error on the measured points (``scaling.scaling_laws``), so
+they say how far off the model has been, not only how noisy the repeats were.
 
-The Amdahl fit is the least-squares serial fraction ``f`` of the speedups,
-``1/S(N) = f + (1 - f)/N``, the Karp-Flatt fraction pooled over N.
+Beside it, the scaling mode's serial-fraction law (``scaling.scaling_laws``): Amdahl's
+``1/S(N) = f + (1 - f)/N`` for strong scaling, Gustafson's ``S(N) = N - s (N - 1)`` for weak.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
-import os
-import sys
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -35,6 +34,9 @@ import numpy as np
 import pandas as pd
 
 from scaling import analysis
+from scaling.scaling_laws import amdahl_fraction, amdahl_speedup, law, loo_log_error, median_speedups
+
+__all__ = ["amdahl_fraction", "amdahl_speedup", "fit_cell", "fit_all", "validate", "validate_all"]
 
 #: devices the predictions are made for
 DEFAULT_TARGETS = (16, 32, 64, 128, 256, 512, 1024)
@@ -99,22 +101,6 @@ def identifiable_rank(n_values: Sequence[float], scaling: str, grad_bytes: float
     return int(np.linalg.matrix_rank(a / norms, tol=1e-9))
 
 
-def amdahl_fraction(n: np.ndarray, speedup: np.ndarray) -> float:
-    """Least-squares serial fraction of ``1/S = f + (1-f)/N`` over the N > 1 points, at least 0."""
-    n, speedup = np.asarray(n, float), np.asarray(speedup, float)
-    keep = (n > 1) & (speedup > 0)
-    if not keep.any():
-        return math.nan
-    w = 1.0 - 1.0 / n[keep]
-    f = float(np.sum(w * (1.0 / speedup[keep] - 1.0 / n[keep])) / np.sum(w * w))
-    return max(f, 0.0)
-
-
-def amdahl_speedup(n: np.ndarray | Sequence[float], f: float) -> np.ndarray:
-    n = np.asarray(n, float)
-    return 1.0 / (f + (1.0 - f) / n)
-
-
 @dataclass
 class Fit:
     """A fitted model for one backend on one study (sweep, workload, data, scaling, variant)."""
@@ -131,8 +117,12 @@ class Fit:
     #: when not identifiable: the latency-only and the bandwidth-only fits (and their bootstraps)
     bracket: dict[str, np.ndarray] = field(default_factory=dict)
     bracket_boot: dict[str, np.ndarray] = field(default_factory=dict)
-    amdahl_f: float = math.nan
-    amdahl_boot: np.ndarray | None = None
+    #: the scaling mode's law (Amdahl for strong, Gustafson for weak) and its serial fraction
+    law_name: str = "Amdahl"
+    law_f: float = math.nan
+    law_boot: np.ndarray | None = None
+    #: the largest leave-one-N-out |log(predicted / measured)|; widens every prediction interval
+    model_error: float = math.nan
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -145,7 +135,8 @@ class Fit:
 
     @property
     def label(self) -> str:
-        return f"{self.key['backend']} / {self.key['workload']} / {self.key['data']} / {self.scaling}"
+        layout = f" / {self.key['nodes']} nodes" if self.key.get("nodes", 1) > 1 else ""
+        return f"{self.key['backend']} / {self.key['workload']} / {self.key['data']} / {self.scaling}{layout}"
 
     def global_batch(self, n: np.ndarray) -> np.ndarray:
         n = np.asarray(n, float)
@@ -157,7 +148,7 @@ class Fit:
         return {name: (theta, self.bracket_boot.get(name)) for name, theta in self.bracket.items()}
 
     def parameters(self) -> pd.DataFrame:
-        """alpha, beta, T0 and the Amdahl serial fraction, each with a 95% bootstrap interval."""
+        """alpha, beta, T0 and the law's serial fraction, each with a 95% bootstrap interval."""
         rows = []
         for name, (theta, boot) in self._thetas().items():
             with np.errstate(invalid="ignore"):
@@ -169,17 +160,17 @@ class Fit:
                 else:
                     value, low, high = theta[i], lo[i], hi[i]
                 rows.append({"model": name, "parameter": pname, "value": value, "low": low, "high": high, "unit": unit})
-        if not math.isnan(self.amdahl_f):
-            lo, hi = (np.nanpercentile(self.amdahl_boot, [2.5, 97.5]) if self.amdahl_boot is not None
-                      and np.isfinite(self.amdahl_boot).any() else (math.nan, math.nan))
-            rows.append({"model": "amdahl", "parameter": "serial fraction", "value": self.amdahl_f, "low": lo,
+        if not math.isnan(self.law_f):
+            lo, hi = (np.nanpercentile(self.law_boot, [2.5, 97.5]) if self.law_boot is not None
+                      and np.isfinite(self.law_boot).any() else (math.nan, math.nan))
+            rows.append({"model": self.law_name.lower(), "parameter": "serial fraction", "value": self.law_f, "low": lo,
                          "high": hi, "unit": ""})
         return pd.DataFrame(rows)
 
     def predict(self, targets: Sequence[int] = DEFAULT_TARGETS, include_measured: bool = True) -> pd.DataFrame:
-        """Predicted step time, throughput and efficiency per N, with a 95% band (bootstrap, and for
-        a non-identifiable fit the envelope of the latency-only and bandwidth-only readings), and
-        the Amdahl prediction."""
+        """Predicted step time, throughput and efficiency per N, with a band (95% bootstrap, and for
+        a non-identifiable fit the envelope of the latency-only and bandwidth-only readings, widened
+        by the model's leave-one-N-out error), and the law's prediction (``law_*``)."""
         with np.errstate(divide="ignore", invalid="ignore"):
             return self._predict(targets, include_measured)
 
@@ -215,13 +206,15 @@ class Fit:
             effs = [p / (n * thr1[nm]) for p, nm in zip(preds, names)]
             out["efficiency_low"] = np.min(effs, axis=0) if effs else np.nan
             out["efficiency_high"] = np.max(effs, axis=0) if effs else np.nan
-        out["throughput_low"] = np.min(lows, axis=0) if lows else np.nan
-        out["throughput_high"] = np.max(highs, axis=0) if highs else np.nan
-        if not math.isnan(self.amdahl_f):
+        widen = math.exp(self.model_error) if math.isfinite(self.model_error) else 1.0
+        out["throughput_low"] = np.min(lows, axis=0) / widen if lows else np.nan
+        out["throughput_high"] = np.max(highs, axis=0) * widen if highs else np.nan
+        out["model_error"] = self.model_error
+        if not math.isnan(self.law_f):
             base = float(np.median(self.throughput[self.n == 1])) if (self.n == 1).any() else math.nan
-            s = amdahl_speedup(n, self.amdahl_f)
-            out["amdahl_throughput"] = base * s
-            out["amdahl_efficiency"] = s / n
+            s = law(self.scaling)[2](n, self.law_f)
+            out["law_throughput"] = base * s
+            out["law_efficiency"] = s / n
         return out
 
 
@@ -238,16 +231,9 @@ def _resample(rng: np.random.Generator, n: np.ndarray) -> np.ndarray:
     return np.concatenate(idx)
 
 
-def _median_speedups(n: np.ndarray, thr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    ns = np.unique(n)
-    med = np.array([np.median(thr[n == v]) for v in ns])
-    if 1 not in ns:
-        return ns, np.full(len(ns), np.nan)
-    return ns, med / med[ns == 1][0]
-
-
-def fit_cell(points: pd.DataFrame, bootstrap: int = BOOTSTRAP, seed: int = 0) -> Fit:
-    """Fit one backend's points (tidy rows of one study and backend, status ok)."""
+def fit_cell(points: pd.DataFrame, bootstrap: int = BOOTSTRAP, seed: int = 0, model_error: bool = True) -> Fit:
+    """Fit one backend's points (tidy rows of one study, backend and node count, status ok);
+    ``model_error``: also refit without each N to size the model's own error."""
     first = points.iloc[0]
     scaling = str(first["scaling"])
     grad = gradient_bytes(str(first["workload"]), first.get("parameters"))
@@ -256,8 +242,9 @@ def fit_cell(points: pd.DataFrame, bootstrap: int = BOOTSTRAP, seed: int = 0) ->
     thr = points["samples_per_s"].to_numpy(float)
     t = gb / thr
     batch = float(np.median(gb / n)) if scaling == "weak" else float(np.median(gb))
-    fit = Fit(key={k: first[k] for k in analysis.CELL_KEYS}, scaling=scaling, grad_bytes=grad, batch=batch,
-              n=n, t=t, throughput=thr)
+    key = {k: first[k] for k in analysis.CELL_KEYS} | {"nodes": int(points["nodes"].max()) if "nodes" in points else 1}
+    fit = Fit(key=key, scaling=scaling, grad_bytes=grad, batch=batch, n=n, t=t, throughput=thr,
+              law_name=law(scaling)[0])
     a = design(n, scaling, grad)
     rng = np.random.default_rng(seed)
     boots = [_resample(rng, n) for _ in range(bootstrap)]
@@ -282,15 +269,22 @@ def fit_cell(points: pd.DataFrame, bootstrap: int = BOOTSTRAP, seed: int = 0) ->
             fit.bracket_boot[name] = np.stack([fit_relative(a[i], t[i], cols) for i in boots]) if boots else None
     else:
         fit.notes.append(f"only N = {distinct[0]} measured: no communication cost can be fitted")
+    name, fraction, _ = law(scaling)
     if 1 in distinct and len(distinct) > 1:
-        ns, s = _median_speedups(n, thr)
-        fit.amdahl_f = amdahl_fraction(ns, s)
-        fit.amdahl_boot = np.array([amdahl_fraction(*_median_speedups(n[i], thr[i])) for i in boots])
+        ns, s = median_speedups(n, thr)
+        fit.law_f = fraction(ns, s)
+        fit.law_boot = np.array([fraction(*median_speedups(n[i], thr[i])) for i in boots])
         if np.any(s[ns > 1] < 1):
-            fit.notes.append("the run slows down with more devices (speedup < 1): Amdahl's law cannot represent that; "
+            fit.notes.append(f"the run slows down with more devices (speedup < 1): {name}'s law cannot represent that; "
                              "its serial fraction comes out above 1")
     elif len(distinct) > 1:
-        fit.notes.append("no N = 1 run: no Amdahl fit (speedups need the one-device throughput)")
+        fit.notes.append(f"no N = 1 run: no {name} fit (speedups need the one-device throughput)")
+    if model_error:
+        fit.model_error = loo_log_error(points, lambda p, bootstrap: fit_cell(p, bootstrap, model_error=False),
+                                        _reading_at)
+        if math.isfinite(fit.model_error):
+            fit.notes.append(f"model error: fitted without one device count, the model missed it by up to "
+                             f"{math.exp(fit.model_error) - 1:.0%}; every interval is widened by that factor")
     if fit.identifiable:
         resid = step_time(n, fit.theta, scaling, grad) / t - 1.0
         fit.notes.append(f"fit residual {np.sqrt(np.mean(resid ** 2)):.0%} of the step time (RMS over {len(t)} runs)")
@@ -302,11 +296,29 @@ def fit_cell(points: pd.DataFrame, bootstrap: int = BOOTSTRAP, seed: int = 0) ->
     return fit
 
 
+def _reading_at(fit: Fit, n: int) -> tuple[float, float, float]:
+    """(low, predicted, high) throughput at ``n`` before any widening: the bracket's two readings when
+    the fit is not identifiable (predicted NaN then)."""
+    pred = fit.predict([n], include_measured=False).iloc[0]
+    if fit.identifiable:
+        return float(pred["throughput"]), float(pred["throughput"]), float(pred["throughput"])
+    readings = [float(pred[c]) for c in pred.index if c.startswith("throughput_") and c.endswith("_only")]
+    return (min(readings), math.nan, max(readings)) if readings else (math.nan, math.nan, math.nan)
+
+
+def _series(ok: pd.DataFrame):
+    """One backend's points per node count; a multi-node series keeps its own N = 1 base."""
+    for _, grp in ok.groupby(analysis.CELL_KEYS, dropna=False, sort=True):
+        for nodes, part in grp.groupby("nodes", sort=True):
+            base = grp[(grp["N"] == 1) & (grp["nodes"] == 1)]
+            yield part if nodes == 1 else pd.concat([base, part])
+
+
 def fit_all(cells: pd.DataFrame, bootstrap: int = BOOTSTRAP, distributed_only: bool = True) -> list[Fit]:
-    """One fit per (study, backend); single-device backends (only N = 1) are skipped by default."""
+    """One fit per (study, backend, node count); single-device backends (only N = 1) are skipped by default."""
     ok = cells[(cells["status"] == "ok") & cells["samples_per_s"].notna() & cells["global_batch"].notna()]
     fits = []
-    for _, grp in ok.groupby(analysis.CELL_KEYS, dropna=False, sort=True):
+    for grp in _series(ok):
         if distributed_only and grp["N"].nunique() < 2:
             continue
         fits.append(fit_cell(grp, bootstrap=bootstrap))
@@ -324,16 +336,22 @@ class Validation:
     predicted: float  # NaN when the training fit is not identifiable
     predicted_low: float
     predicted_high: float
-    amdahl_predicted: float
+    law_predicted: float
     notes: list[str]
+    law_name: str = "Amdahl"
 
     @property
     def error(self) -> float:
         return self.predicted / self.measured - 1.0
 
     @property
-    def amdahl_error(self) -> float:
-        return self.amdahl_predicted / self.measured - 1.0
+    def law_error(self) -> float:
+        return self.law_predicted / self.measured - 1.0
+
+    @property
+    def inside(self) -> bool:
+        """Whether the measured median lies in the model's interval (or bracket)."""
+        return self.predicted_low <= self.measured <= self.predicted_high
 
     def summary(self) -> str:
         train = ", ".join(map(str, self.train_n))
@@ -342,12 +360,13 @@ class Validation:
                      f"{self.predicted_low:,.0f} .. {self.predicted_high:,.0f} samples/s "
                      f"({self.predicted_low / self.measured - 1:+.0%} .. {self.predicted_high / self.measured - 1:+.0%})")
         else:
-            model = (f"alpha-beta model {self.predicted:,.0f} samples/s (95% {self.predicted_low:,.0f} .. "
+            model = (f"alpha-beta model {self.predicted:,.0f} samples/s (interval {self.predicted_low:,.0f} .. "
                      f"{self.predicted_high:,.0f}), error {self.error:+.1%}")
-        amdahl = "" if math.isnan(self.amdahl_predicted) else (
-            f"; Amdahl {self.amdahl_predicted:,.0f} samples/s, error {self.amdahl_error:+.1%}")
+        model += ", measured inside its interval" if self.inside else ", measured OUTSIDE its interval"
+        other = "" if math.isnan(self.law_predicted) else (
+            f"; {self.law_name} {self.law_predicted:,.0f} samples/s, error {self.law_error:+.1%}")
         return (f"{self.label}: fit on N = {train}, predict N = {self.holdout_n}: measured {self.measured:,.0f} samples/s; "
-                f"{model}{amdahl}")
+                f"{model}{other}")
 
 
 def validate(points: pd.DataFrame, holdout: int | None = None, bootstrap: int = BOOTSTRAP) -> Validation:
@@ -365,142 +384,25 @@ def validate(points: pd.DataFrame, holdout: int | None = None, bootstrap: int = 
         measured=float(test["samples_per_s"].median()),
         predicted=float(pred["throughput"]),
         predicted_low=float(pred["throughput_low"]), predicted_high=float(pred["throughput_high"]),
-        amdahl_predicted=float(pred.get("amdahl_throughput", math.nan)),
-        notes=fit.notes,
+        law_predicted=float(pred.get("law_throughput", math.nan)),
+        notes=fit.notes, law_name=fit.law_name,
     )
 
 
 def validate_all(cells: pd.DataFrame, bootstrap: int = BOOTSTRAP) -> list[Validation]:
-    """A validation for every (study, backend) with at least 3 device counts."""
+    """A validation for every (study, backend, node count) with at least 3 device counts."""
     ok = cells[(cells["status"] == "ok") & cells["samples_per_s"].notna()]
     out = []
-    for _, grp in ok.groupby(analysis.CELL_KEYS, dropna=False, sort=True):
+    for grp in _series(ok):
         if grp["N"].nunique() >= 3:
             out.append(validate(grp, bootstrap=bootstrap))
     return out
 
 
-# -- `scaling predict` --------------------------------------------------------------------------
-
-def _parse_targets(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of device counts: {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError("device counts must be positive")
-    return values
-
+# -- `scaling predict` (scaling/predict.py) ------------------------------------------------------
 
 def predict_command(argv: list[str]) -> int:
-    """`scaling predict RESULTS_DIR [--sweep ID] [--backend B] [--workload W] [--devices 16,...] [--validate]`."""
-    parser = argparse.ArgumentParser(
-        prog="scaling predict",
-        description="Fit T(N) = T_compute + ring all-reduce (alpha, beta) and Amdahl's law to measured step times; "
-                    "predict throughput and efficiency at larger device counts.")
-    parser.add_argument("results_dir", nargs="?", default=os.environ.get("SCALING_RESULTS", "results"),
-                        help="default: $SCALING_RESULTS or ./results")
-    parser.add_argument("--sweep", help="only this sweep id")
-    parser.add_argument("--backend", action="append", help="only this backend (repeatable)")
-    parser.add_argument("--workload", help="only this workload")
-    parser.add_argument("--devices", type=_parse_targets, default=list(DEFAULT_TARGETS),
-                        help="device counts to predict (default 16,32,...,1024)")
-    parser.add_argument("--validate", action="store_true",
-                        help="also fit on the smaller device counts and predict the largest measured one")
-    parser.add_argument("--bootstrap", type=int, default=BOOTSTRAP, help="bootstrap resamples for the intervals")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
+    """`scaling predict ...`: see ``scaling.predict.predict_command``."""
+    from scaling.predict import predict_command as command
 
-    from rich.markup import escape
-
-    from scaling.results import make_console
-
-    console = make_console()
-    loaded = analysis.load(args.results_dir)
-    for problem in loaded.problems:
-        console.print(f"[yellow]note:[/] {escape(problem)}")
-    cells = analysis.tidy(loaded.records, loaded.paths)
-    if not cells.empty:
-        if args.sweep:
-            cells = cells[cells["sweep"] == args.sweep]
-        if args.backend:
-            cells = cells[cells["backend"].isin(args.backend)]
-        if args.workload:
-            cells = cells[cells["workload"] == args.workload]
-    fits = fit_all(cells, bootstrap=args.bootstrap) if not cells.empty else []
-    if not fits:
-        print("scaling predict: nothing to fit: need ok runs of a backend at two or more device counts"
-              + (f" in {args.results_dir}" if loaded.records else ""), file=sys.stderr)
-        return 1
-    for fit in fits:
-        console.print(render_fit(fit, args.devices))
-    if args.validate:
-        validations = validate_all(cells, bootstrap=args.bootstrap)
-        if not validations:
-            console.print("[yellow]validation:[/] needs a backend measured at 3 or more device counts")
-        for v in validations:
-            console.print(f"[bold]validation[/] {escape(v.summary())}")
-    return 0
-
-
-def render_fit(fit: Fit, targets: Sequence[int] = DEFAULT_TARGETS):
-    """A rich renderable: parameters with intervals, notes, predictions."""
-    from rich.console import Group
-    from rich.table import Table
-
-    params = Table(title=f"{fit.label}  (sweep {fit.key['sweep']}, N measured {fit.measured_n}, "
-                         f"S = {fit.grad_bytes:,} B)", title_justify="left")
-    for col in ("model", "parameter", "value", "95% interval"):
-        params.add_column(col, justify="right" if col != "parameter" else "left")
-    for row in fit.parameters().itertuples():
-        params.add_row(row.model, row.parameter, fmt_param(row.parameter, row.value),
-                       f"{fmt_param(row.parameter, row.low)} .. {fmt_param(row.parameter, row.high)}")
-    pred = fit.predict(targets)
-    table = Table(title="predicted", title_justify="left")
-    table.add_column("N", justify="right")
-    table.add_column("samples/s (model)", justify="right")
-    table.add_column("95% / bracket", justify="right")
-    table.add_column("efficiency", justify="right")
-    table.add_column("Amdahl samples/s", justify="right")
-    table.add_column("Amdahl eff.", justify="right")
-    for r in pred.to_dict("records"):
-        eff = (f"{r['efficiency']:.1%}" if "efficiency" in r and not math.isnan(r["efficiency"])
-               else f"{r.get('efficiency_low', math.nan):.1%} .. {r.get('efficiency_high', math.nan):.1%}")
-        table.add_row(str(r["N"]), _f(r["throughput"]), f"{_f(r['throughput_low'])} .. {_f(r['throughput_high'])}", eff,
-                      _f(r.get("amdahl_throughput", math.nan)), _pct(r.get("amdahl_efficiency", math.nan)))
-    from rich.markup import escape
-
-    notes = [f"[dim]- {escape(n)}[/]" for n in fit.notes]
-    return Group(params, *notes, table, "")
-
-
-def fmt_param(name: str, value: float) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if math.isinf(value):
-        return "inf"
-    if name == "beta":
-        return f"{value / 1e9:.3g} GB/s"
-    if name in ("alpha", "T_compute"):
-        return _seconds(value)
-    return f"{value:.3g}"
-
-
-def _seconds(value: float) -> str:
-    if value == 0:
-        return "0"
-    if abs(value) < 1e-3:
-        return f"{value * 1e6:.3g} us"
-    if abs(value) < 1:
-        return f"{value * 1e3:.3g} ms"
-    return f"{value:.3g} s"
-
-
-def _f(x: float) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:,.0f}"
-
-
-def _pct(x: float) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1%}"
+    return command(argv)

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from scaling import records
+from scaling import metrics, records
 from scaling.protocol import Observer
 
 from scaling.secrets import REDACTED, _netrc_key, known_secrets, scrub_secrets  # noqa: F401  (re-exported)
@@ -260,64 +260,71 @@ def _say_where(run: Any, run_dir: Path | None) -> None:
 
 # -- one summary run per sweep ----------------------------------------------------------------
 
-TABLE_COLUMNS = ["cell", "backend", "workload", "data", "scaling", "devices", "nodes", "total_devices", "repeat",
-                 "status", "samples_per_s", "samples_per_s_per_device", "speedup", "efficiency",
+TABLE_COLUMNS = ["cell", "backend", "workload", "workload_params", "data", "scaling", "variant", "settings", "devices", "nodes", "layout",
+                 "total_devices", "repeat", "status", "samples_per_s", "samples_per_s_per_device", "speedup", "efficiency",
                  "step_time_p50_s", "final_test_accuracy", "time_to_accuracy_s", "error"]
+#: what separates the lines of a summary plot, besides the backend, when the sweep varies it
+_LINE_SPLITS = ("workload", "workload_params", "data", "scaling", "variant", "settings", "nodes")
 
 
 def _series_key(c: dict) -> tuple:
-    return (c["backend"]["name"], c["workload"]["name"], c["data"]["name"], c.get("scaling", "weak"))
+    from scaling.analysis import fast_settings, workload_params
+
+    return (c["backend"]["name"], c["workload"]["name"], workload_params(c["workload"]), c["data"]["name"],
+            c.get("scaling", "weak"), str(c.get("variant") or "defaults"), fast_settings(c["backend"]))
 
 
 def sweep_rows(sweep_records: list[dict]) -> list[dict]:
-    """One row per cell. ``speedup``: the cell's throughput over the mean throughput of its
-    series (same backend, workload, data and scaling) at its fewest devices; ``efficiency``:
-    speedup over the device ratio."""
-    ok: dict[tuple, dict[int, list[float]]] = {}
+    """One row per record. ``speedup``: the record's throughput over the median throughput of its
+    series (same backend, settings, workload, data, scaling and variant) at N = 1, None without one;
+    ``efficiency``: speedup / N (``scaling.metrics``, as the aggregate and the dashboard)."""
+    ok: dict[tuple, list[float]] = {}
     for rec in sweep_records:
-        m = rec.get("metrics") or {}
-        if rec["status"] == "ok" and m.get("samples_per_s"):
-            c = rec["config"]
-            n = int(c["devices"]) * int(c["cluster"]["nodes"])
-            ok.setdefault(_series_key(c), {}).setdefault(n, []).append(float(m["samples_per_s"]))
+        m, c = rec.get("metrics") or {}, rec["config"]
+        if rec["status"] == "ok" and m.get("samples_per_s") and int(c["devices"]) * int(c["cluster"]["nodes"]) == 1:
+            ok.setdefault(_series_key(c), []).append(float(m["samples_per_s"]))
     rows = []
     for rec in sweep_records:
         c, m = rec["config"], rec.get("metrics") or {}
-        n = int(c["devices"]) * int(c["cluster"]["nodes"])
+        devices, nodes = int(c["devices"]), int(c["cluster"]["nodes"])
+        n = devices * nodes
         speedup = efficiency = None
-        series = ok.get(_series_key(c))
-        if series and rec["status"] == "ok" and m.get("samples_per_s"):
-            n0 = min(series)
-            base = sum(series[n0]) / len(series[n0])
-            speedup = float(m["samples_per_s"]) / base
-            efficiency = speedup / (n / n0)
+        base = metrics.median(ok.get(_series_key(c), []))
+        if rec["status"] == "ok" and m.get("samples_per_s") and base > 0:
+            speedup = metrics.speedup(float(m["samples_per_s"]), base)
+            efficiency = metrics.efficiency(speedup, n)
+        key = _series_key(c)
         rows.append({
-            "cell": rec["run_id"], "backend": c["backend"]["name"], "workload": c["workload"]["name"],
-            "data": c["data"]["name"], "scaling": c.get("scaling", "weak"), "devices": int(c["devices"]),
-            "nodes": int(c["cluster"]["nodes"]), "total_devices": n, "repeat": int(c.get("repeat", 0)),
+            "cell": rec["run_id"], "backend": key[0], "workload": key[1], "workload_params": key[2], "data": key[3],
+            "scaling": key[4], "variant": key[5], "settings": key[6], "devices": devices, "nodes": nodes,
+            "layout": f"{devices}x{nodes}", "total_devices": n, "repeat": int(c.get("repeat", 0)),
             "status": rec["status"], "samples_per_s": m.get("samples_per_s"),
             "samples_per_s_per_device": m.get("samples_per_s_per_device"), "speedup": speedup,
             "efficiency": efficiency, "step_time_p50_s": (m.get("step_time_s") or {}).get("p50"),
             "final_test_accuracy": m.get("final_test_accuracy"), "time_to_accuracy_s": m.get("time_to_accuracy_s"),
             "error": (rec.get("error") or "").splitlines()[0] if rec.get("error") else None,
         })
-    return sorted(rows, key=lambda r: (r["backend"], r["workload"], r["data"], r["scaling"], r["total_devices"], r["repeat"]))
+    return sorted(rows, key=lambda r: (r["backend"], r["workload"], r["data"], r["scaling"], r["total_devices"],
+                                       r["layout"], r["repeat"]))
 
 
 def sweep_lines(rows: list[dict], figure: str) -> tuple[list[list[int]], list[list[float]], list[str]]:
-    """(xs, ys, keys) for one line per backend: ``figure`` averaged over repeats of ok cells,
-    against total device count. Lines are also split by workload, data and scaling when the
-    sweep varies them."""
-    varied = [k for k in ("workload", "data", "scaling") if len({r[k] for r in rows}) > 1]
+    """(xs, ys, keys) for one line per backend: the median of ``figure`` over the repeats of ok
+    cells, against total device count. Lines are also split by workload, its parameters, data,
+    scaling, variant, settings and node count when the sweep varies them, so no two layouts or
+    variants share a line."""
+    # settings differ between backends by nature (fast=..., steps_per_call=...): split only within one
+    varied = [k for k in _LINE_SPLITS if len({(r["backend"], r[k]) if k == "settings" else r[k] for r in rows})
+              > (len({r["backend"] for r in rows}) if k == "settings" else 1)]
     series: dict[str, dict[int, list[float]]] = {}
     for r in rows:
         if r["status"] != "ok" or r[figure] is None:
             continue
-        key = "/".join([r["backend"], *(str(r[k]) for k in varied)])
+        key = "/".join([r["backend"], *(f"{r[k]} nodes" if k == "nodes" else str(r[k]) for k in varied)])
         series.setdefault(key, {}).setdefault(r["total_devices"], []).append(float(r[figure]))
     keys = sorted(series)
     xs = [sorted(series[k]) for k in keys]
-    ys = [[sum(series[k][n]) / len(series[k][n]) for n in x] for k, x in zip(keys, xs)]
+    ys = [[metrics.median(series[k][n]) for n in x] for k, x in zip(keys, xs)]
     return xs, ys, keys
 
 

@@ -50,6 +50,15 @@ def pin_cpu_share(cfg: dict, local_rank: int, local_world: int) -> list[int] | N
     return cores
 
 
+def run_conditions(cfg: dict, env: dict, pinned: list[int] | None, backend: Any) -> dict:
+    """What this rank's speed depended on besides its cell: the threads in force, the CPU placement,
+    the CPUs it could run on, and the evaluation work per rank (the aggregate compares them)."""
+    return {"threads": env.get("threads", cfg.get("threads")), "placement": cfg.get("placement", "default"),
+            "pinned": pinned is not None,
+            "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "evaluation": getattr(backend, "evaluation", "unrecorded")}
+
+
 def run(cfg: dict[str, Any]) -> dict:
     """Run one worker of one run; returns the record (rank 0 has also written it).
 
@@ -125,6 +134,10 @@ def run(cfg: dict[str, Any]) -> dict:
                 env = backend.environment()
             except Exception:  # a broken probe must not cost the record
                 env = {}
+        if metrics is not None:
+            metrics["conditions"] = run_conditions(cfg, env, pinned, backend)
+            if hasattr(backend, "fast_mode"):  # what the fast modes actually ran (graphs, XLA, steps per call)
+                metrics["fast_mode"] = backend.fast_mode()
         record = records.make_record(
             run_id=run_id or default_run_id(cfg, world),
             group=group,

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scaling import analysis, scaling_model
+from scaling import analysis, metrics, scaling_laws, scaling_model, verdicts
 from scaling.results import results_command
 from scaling.scaling_model import predict_command
 
@@ -63,22 +63,27 @@ def test_aggregate_matches_hand_computation(local_cells):
     assert row["throughput_min"] == pytest.approx(min(two)) and row["throughput_max"] == pytest.approx(max(two))
     assert row["speedup"] == pytest.approx(s)
     assert row["efficiency"] == pytest.approx(s / 2)
-    assert row["karp_flatt"] == pytest.approx((1 / s - 1 / 2) / (1 - 1 / 2))
+    assert row["serial_law"] == "Gustafson"  # weak scaling: the scaled serial fraction (N - S) / (N - 1)
+    assert row["serial_fraction"] == pytest.approx((2 - s) / (2 - 1))
     # the numbers themselves, computed by hand from the JSON: 36,587.58 / 85,698.13
     assert row["speedup"] == pytest.approx(0.426936, abs=1e-6)
-    assert row["karp_flatt"] == pytest.approx(3.684548, abs=1e-6)
+    assert row["serial_fraction"] == pytest.approx(1.573064, abs=1e-6)
     assert row["speedup_min"] == pytest.approx(min(two) / max(one))
     base = agg.loc[("horovod_torch", 1)]
-    assert base["speedup"] == 1 and base["efficiency"] == 1 and math.isnan(base["karp_flatt"])
+    assert base["speedup"] == 1 and base["efficiency"] == 1 and math.isnan(base["serial_fraction"])
     # single-device backends have only N = 1
     assert ("torch", 2) not in agg.index and ("tf", 1) in agg.index
 
 
-def test_karp_flatt_known_pairs():
-    assert analysis.karp_flatt(1.6, 2) == pytest.approx(0.25)  # (1/1.6 - 1/2) / (1 - 1/2)
-    assert analysis.karp_flatt(4.0, 4) == pytest.approx(0.0)  # ideal: no serial part
-    assert analysis.karp_flatt(1.0, 8) == pytest.approx(1.0)  # no speedup at all: all serial
-    assert math.isnan(analysis.karp_flatt(1.0, 1))
+def test_serial_fractions_known_pairs():
+    assert metrics.karp_flatt(1.6, 2) == pytest.approx(0.25)  # (1/1.6 - 1/2) / (1 - 1/2)
+    assert metrics.karp_flatt(4.0, 4) == pytest.approx(0.0)  # ideal: no serial part
+    assert metrics.karp_flatt(1.0, 8) == pytest.approx(1.0)  # no speedup at all: all serial
+    assert math.isnan(metrics.karp_flatt(1.0, 1))
+    assert metrics.gustafson_serial(1.6, 2) == pytest.approx(0.4)  # 1.6 = 2 - 0.4 (2 - 1)
+    assert metrics.gustafson_serial(7.3, 8) == pytest.approx(0.1)  # 7.3 = 8 - 0.1 x 7
+    assert metrics.serial_fraction(1.6, 2, "strong") == pytest.approx(0.25)
+    assert metrics.serial_fraction(1.6, 2, "weak") == pytest.approx(0.4)
 
 
 def test_strong_scaling_speedup_uses_the_same_formula(local_cells):
@@ -88,23 +93,31 @@ def test_strong_scaling_speedup_uses_the_same_formula(local_cells):
     assert agg.loc[2, "speedup"] == pytest.approx(agg.loc[2, "throughput"] / agg.loc[1, "throughput"])
 
 
-def test_seed_claim_rule_on_the_recorded_sweep(local_cells):
-    claim = analysis.seed_claim(local_cells).set_index("N")
-    n2 = claim.loc[2]
+def test_verdicts_on_the_recorded_sweep(local_cells):
+    found = verdicts.verdicts(local_cells).set_index(["N", "question"])
+    n2 = found.loc[(2, "faster")]
     assert (n2["tf_backend"], n2["torch_backend"]) == ("tf_mirrored", "horovod_torch")
     tf, pt = _raw_throughputs("tf_mirrored", 2), _raw_throughputs("horovod_torch", 2)
     assert n2["ratio"] == pytest.approx(statistics.median(tf) / statistics.median(pt))
-    assert n2["ratio_low"] == pytest.approx(min(tf) / max(pt)) and n2["ratio_low"] > 1
-    assert n2["verdict"] == "TF faster"
+    assert min(tf) > max(pt)  # every TF repeat beat every PyTorch repeat, which the old rule called "TF faster"
     assert n2["p_value"] == pytest.approx(0.1)  # 2 of the C(6,3) = 20 rank orders are as extreme
-    assert claim.loc[1, "verdict"] == "no significant difference"
+    assert n2["pairs"] == 9 and n2["p_adjusted"] == pytest.approx(0.9)  # Holm over 3 TF x 3 PyTorch backends
+    assert n2["verdict"] == "inconclusive: needs >= 6 repeats"  # 9 x 2 / C(12, 6) = 0.019 <= 0.05
+    assert found.loc[(1, "faster"), "verdict"] == "inconclusive: needs >= 6 repeats"  # 16 pairs: 16 x 2 / 924
+    assert (2, "scales better") in found.index and (1, "scales better") not in found.index
 
 
 def test_mann_whitney_exact():
-    assert analysis.mann_whitney_exact_p([4, 5, 6], [1, 2, 3]) == pytest.approx(0.1)
-    assert analysis.mann_whitney_exact_p([1, 2, 3, 4, 5], [6, 7, 8, 9, 10]) == pytest.approx(2 / 252)
-    assert analysis.mann_whitney_exact_p([1, 4], [2, 3]) == pytest.approx(1.0)  # interleaved: U = nm/2
-    assert analysis.mann_whitney_exact_p([1, 3], [2, 4]) == pytest.approx(4 / 6)
+    assert verdicts.mann_whitney_p([4, 5, 6], [1, 2, 3]) == pytest.approx(0.1)
+    assert verdicts.mann_whitney_p([1, 2, 3, 4, 5], [6, 7, 8, 9, 10]) == pytest.approx(2 / 252)
+    assert verdicts.mann_whitney_p([1, 4], [2, 3]) == pytest.approx(1.0)  # interleaved: U = nm/2
+    assert verdicts.mann_whitney_p([1, 3], [2, 4]) == pytest.approx(4 / 6)
+    from scipy.stats import mannwhitneyu
+
+    rng = np.random.default_rng(3)
+    for n, m in ((4, 4), (5, 7), (6, 3)):
+        a, b = rng.normal(size=n), rng.normal(0.8, size=m)
+        assert verdicts.mann_whitney_p(a, b) == pytest.approx(mannwhitneyu(a, b, method="exact").pvalue)
 
 
 # -- results store: list, show, export ------------------------------------------------------------
@@ -123,7 +136,7 @@ def test_export_round_trips(tmp_path, local_cells):
     agg_csv = tmp_path / "agg.csv"
     assert results_command(["export", str(LOCAL_CPU), "--csv", str(agg_csv), "--table", "aggregate"]) == 0
     agg = pd.read_csv(agg_csv)
-    assert len(agg) == 14 and {"speedup", "efficiency", "karp_flatt"} <= set(agg.columns)
+    assert len(agg) == 14 and {"speedup", "efficiency", "serial_fraction", "layout"} <= set(agg.columns)
 
 
 def test_results_list_and_show(capsys):
@@ -134,8 +147,9 @@ def test_results_list_and_show(capsys):
     assert "torch_ddp-mlp-synthetic-weak-n4x1-r1-2ef5bad0" in capsys.readouterr().out
     assert results_command(["show", str(LOCAL_CPU)]) == 0
     out = capsys.readouterr().out
-    assert "Karp-Flatt" in out and "TF faster" in out and "not a multi-GPU verdict" in out
-    assert "[min TF / max PyTorch, max TF / min PyTorch]" in out  # the rule is printed, not eaten as markup
+    assert "Gustafson serial" in out and "not a multi-GPU verdict" in out and "2x1" in out
+    assert "faster" in out and "scales better" in out and "inconclusive: needs >= 6 repeats" in out
+    assert "2 / C(2n, n)" in out and "Holm" in out  # the rule is printed
 
 
 def _copy(src: Path, dst: Path, pattern: str = "*.json") -> None:
@@ -183,17 +197,24 @@ def test_partial_and_mixed_version_folders(tmp_path, capsys):
 
 # -- the scaling model ----------------------------------------------------------------------------
 
+def _closed_form_step_time(n: float, theta, scaling: str, grad: float) -> float:
+    """T(N) = T0 (weak) or T0 / N (strong) + 2 (N - 1) alpha + 2 (N - 1) / N * S / beta, written out here."""
+    t0, alpha, inv_beta = theta
+    return (t0 if scaling == "weak" else t0 / n) + 2 * (n - 1) * alpha + 2 * (n - 1) / n * grad * inv_beta
+
+
 def _synthetic_points(scaling: str, theta, ns, repeats=1, noise=0.0, seed=0, grad=407_080) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     rows = []
     for n in ns:
-        t = scaling_model.step_time([n], theta, scaling, grad)[0]
+        t = _closed_form_step_time(n, theta, scaling, grad)
         gb = 64 * n if scaling == "weak" else 512
         for r in range(repeats):
             tr = t * (1 + noise * rng.standard_normal())
             rows.append({"sweep": "synthetic", "backend": "fake", "framework": "torch", "workload": "mlp",
-                         "parameters": grad / 4, "data": "synthetic", "scaling": scaling, "variant": "", "N": n,
-                         "devices_per_node": n, "repeat": r, "status": "ok", "global_batch": gb,
+                         "parameters": grad / 4, "data": "synthetic", "scaling": scaling, "variant": "defaults", "N": n,
+                         "workload_params": "", "settings": "", "overrides": "", "layout": f"{n}x1", "nodes": 1,
+                         "conditions": "threads=1", "devices_per_node": n, "repeat": r, "status": "ok", "global_batch": gb,
                          "samples_per_s": gb / tr, "accelerator": "gpu"})
     return pd.DataFrame(rows)
 
@@ -209,7 +230,7 @@ def test_fit_recovers_known_alpha_beta(scaling):
     assert params.loc["alpha", "value"] == pytest.approx(25e-6, rel=1e-6)
     assert params.loc["beta", "value"] == pytest.approx(5e9, rel=1e-6)
     pred = fit.predict([1024]).set_index("N")
-    t1024 = scaling_model.step_time([1024], theta, scaling, 407_080)[0]
+    t1024 = _closed_form_step_time(1024, theta, scaling, 407_080)
     gb = 64 * 1024 if scaling == "weak" else 512
     assert pred.loc[1024, "throughput"] == pytest.approx(gb / t1024, rel=1e-6)
 
@@ -236,9 +257,11 @@ def test_two_device_counts_are_not_identifiable():
 
 
 def test_amdahl_fraction():
-    f = 0.1
+    # S(N) = 1 / (0.1 + 0.9 / N) at N = 2, 4, 8: 20/11, 40/13, 80/17
     ns = np.array([1, 2, 4, 8])
-    assert scaling_model.amdahl_fraction(ns, scaling_model.amdahl_speedup(ns, f)) == pytest.approx(f)
+    speedups = np.array([1.0, 20 / 11, 40 / 13, 80 / 17])
+    assert scaling_model.amdahl_fraction(ns, speedups) == pytest.approx(0.1)
+    np.testing.assert_allclose(scaling_model.amdahl_speedup(ns, 0.1), speedups)
 
 
 def test_validation_on_the_recorded_sweep(capsys):
@@ -252,8 +275,12 @@ def test_validation_on_the_recorded_sweep(capsys):
             print("  " + v.summary())
     for v in validations:
         assert v.train_n == [1, 2, 3] and v.holdout_n == 4
-        assert math.isfinite(v.error) and math.isfinite(v.amdahl_error)
+        assert math.isfinite(v.error) and math.isfinite(v.law_error) and v.law_name == "Gustafson"
         assert v.predicted_low <= v.predicted <= v.predicted_high
+        # the interval includes the model's leave-one-N-out error, and the line says where the measurement fell
+        assert any("model error" in n for n in v.notes)
+        inside = v.predicted_low <= v.measured <= v.predicted_high
+        assert ("measured inside its interval" if inside else "measured OUTSIDE its interval") in v.summary()
         # 2 CPUs shared by 4 workers: contention the model does not know about; this records how far off it is
         assert abs(v.error) < 0.5
 
@@ -264,3 +291,35 @@ def test_predict_command(capsys):
     assert "alpha" in out and "1024" in out and "validation" in out and "error" in out
     assert predict_command([str(LOCAL_CPU), "--backend", "torch_ddp", "--bootstrap", "20"]) == 0
     assert "not identifiable" in capsys.readouterr().out
+
+
+def test_gustafson_fit_from_a_closed_form():
+    # S(N) = N - 0.2 (N - 1) at N = 2, 4, 8: 1.8, 3.4, 6.6
+    ns = np.array([1, 2, 4, 8])
+    speedups = np.array([1.0, 1.8, 3.4, 6.6])
+    assert scaling_laws.gustafson_fraction(ns, speedups) == pytest.approx(0.2)
+    np.testing.assert_allclose(scaling_laws.gustafson_speedup(ns, 0.2), speedups)
+    points = _synthetic_points("weak", (2e-3, 25e-6, 1 / 5e9), [1, 2, 4, 8])
+    fit = scaling_model.fit_cell(points, bootstrap=0)
+    assert fit.law_name == "Gustafson"
+    strong = scaling_model.fit_cell(_synthetic_points("strong", (2e-3, 25e-6, 1 / 5e9), [1, 2, 4, 8]), bootstrap=0)
+    assert strong.law_name == "Amdahl"
+
+
+def test_validation_says_when_the_measurement_is_outside_the_interval():
+    # a contention the model cannot represent: T(N) = 2 ms + 0.1 ms x N^2; fit on 1..4, predict 8
+    rows = []
+    for n in (1, 2, 3, 4, 8):
+        for r in range(3):
+            t = 2e-3 + 1e-4 * n * n
+            rows.append({"sweep": "s", "backend": "fake", "framework": "torch", "workload": "mlp", "parameters": 101770,
+                         "data": "synthetic", "scaling": "weak", "variant": "defaults", "workload_params": "",
+                         "settings": "", "overrides": "", "layout": f"{n}x1", "nodes": 1, "conditions": "threads=1",
+                         "N": n, "devices_per_node": n, "repeat": r, "status": "ok", "global_batch": 64 * n,
+                         "samples_per_s": 64 * n / (t * (1 + 0.01 * (r - 1))), "accelerator": "gpu"})
+    v = scaling_model.validate(pd.DataFrame(rows), bootstrap=50)
+    measured = 64 * 8 / (2e-3 + 1e-4 * 64)
+    assert v.measured == pytest.approx(measured)
+    assert not (v.predicted_low <= measured <= v.predicted_high)
+    assert "measured OUTSIDE its interval" in v.summary()
+    assert any("model error" in n for n in v.notes)

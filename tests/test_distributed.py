@@ -75,7 +75,7 @@ def test_workers_train_in_sync(tmp_path, mnist_cache, backend, workload, devices
     # every replica of every rank holds the same parameters at the end
     digests = [d for r in rec["ranks"] for d in r["param_digests"]]
     assert len(digests) == devices and len(set(digests)) == 1, rec["ranks"]
-    assert m["ranks_in_sync"] is True
+    assert m["ranks_in_sync"] is (True if devices > 1 else None)  # one replica: nothing to compare
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))

@@ -47,12 +47,17 @@ def test_report_content(local_report):
     text = local_report.html_path.read_text()
     assert "TensorFlow typically outperforms in large-scale distributed systems" in text
     assert "they are not a multi-GPU verdict" in text and "No GPU in these records" in text
-    assert "Significance rule" in text and "Mann-Whitney" in text
-    assert "TF faster" in text and "no significant difference" in text
+    assert "The rule." in text and "Mann-Whitney" in text and "Holm" in text
+    # 3 repeats a side cannot reach alpha = 0.05 over 9 TF x PyTorch pairs at N = 2
+    assert "faster" in text and "scales better" in text and "inconclusive: needs &gt;= 6 repeats" in text
+    assert "layout" in text and "2x1" in text and "Gustafson serial" in text
     assert "not identifiable" in text  # N = 1, 2 only
     assert "validation needs a backend measured at three or more device counts" in text
     assert "AMD EPYC" in text and "tensorflow 2.21.0" in text  # the environment
-    assert "What is missing" not in text  # a complete sweep
+    # a complete sweep, but its N = 1 runs were not pinned while the N = 2 ranks were: flagged per cell
+    assert "failed run" not in text and "no ok N=1 run" not in text
+    assert "torch_ddp N=2 (2x1, mlp, sweep local_cpu): the N=1 base ran under other conditions: " \
+           "pinned=false there, true here" in text
 
 
 def test_report_on_the_model_fit_sweep_shows_the_validation(tmp_path):

@@ -22,6 +22,7 @@ def _tf_vars(variables):
 
 class HorovodTF:
     devices = 1  # per process
+    evaluation = "shard"  # each rank evaluates 1/world of the test set
 
     def __init__(self, ctx: RunContext) -> None:
         cfg = ctx.config
@@ -63,7 +64,9 @@ class HorovodTF:
         hvd.broadcast_variables(_tf_vars(optimizer.variables), root_rank=0)
         keras.utils.set_random_seed(cfg["seed"] * 1000 + self.rank)  # dropout masks differ per rank
         loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        self._evaluate = tf_common.make_evaluator(model)
+        self._evaluate = tf_common.make_evaluator(
+            model, rank=self.rank, world=self.world,
+            all_reduce_sum=lambda sums: hvd.allreduce(tf.constant(sums), op=hvd.Sum, name="eval_sums").numpy())
         x, y, shard = self.x, self.y, self.shard
 
         def one_step(start):
@@ -88,7 +91,7 @@ class HorovodTF:
                 loss = one_step(start + i * b)
             return loss
 
-        self._step_fn, self._steps_fn = step, steps
+        self._calls = tf_common.StepCalls(step, steps, self.steps_per_call)
         self._cursor = 0
         self._steps_done = 0
         self._last_loss = None
@@ -104,10 +107,7 @@ class HorovodTF:
             self.optimizer.learning_rate.assign(self.geometry.lr_at(self._steps_done))
         self._steps_done += n
         start = tf.constant(self._cursor, tf.int32)
-        if n == 1:
-            self._last_loss = self._step_fn(start)
-        else:
-            self._last_loss = self._steps_fn(start, tf.constant(n, tf.int32))
+        self._last_loss = self._calls(n, start)
         self._cursor += n * self.per_device_batch
 
     def loss(self) -> float:
@@ -116,6 +116,9 @@ class HorovodTF:
     def sync(self) -> None:
         if self._last_loss is not None:
             self._last_loss.numpy()
+
+    def fast_mode(self) -> dict:
+        return self._calls.evidence()
 
     def evaluate(self) -> tuple[float, float]:
         return self._evaluate(self.test_x, self.test_y)

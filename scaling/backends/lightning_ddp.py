@@ -9,6 +9,7 @@ the dataset gathers them, so Lightning's loop runs as it would for any DataLoade
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +113,10 @@ class LightningDDP(tc.OnTorchDevice):
     def __init__(self, ctx: RunContext) -> None:
         cfg = ctx.config
         tc.configure_threads(cfg.get("threads"))
+        if cfg.get("threads"):
+            # Lightning's launcher sets torch's threads to cores / local processes unless OMP_NUM_THREADS
+            # is set (2 at N=1, 1 at N=2 on 2 cores): keep the config's threads per rank, as every backend
+            os.environ["OMP_NUM_THREADS"] = str(int(cfg["threads"]))
         self.ctx = ctx
         self.geometry = g = ctx.geometry
         self.device = tc.resolve_device(cfg["device"], ctx.local_rank)

@@ -16,6 +16,7 @@ from scaling.protocol import Measurement, drive
 
 class TFSingleDevice:
     devices = 1
+    evaluation = "shard"  # one device: its shard is the whole test set
 
     def __init__(self, ctx: RunContext) -> None:
         cfg, train = ctx.config, ctx.train
@@ -71,7 +72,7 @@ class TFSingleDevice:
                 loss = one_step(start + i * b)
             return loss
 
-        self._step, self._steps = step, steps
+        self._calls = tf_common.StepCalls(step, steps, self.steps_per_call, jit)
         self._cursor = 0
         self._steps_done = 0
         self._last_loss = None
@@ -85,14 +86,14 @@ class TFSingleDevice:
             self.optimizer.learning_rate.assign(self.geometry.lr_at(self._steps_done))
         self._steps_done += n
         start = self.tf.constant(self._cursor, self.tf.int32)
-        if n == 1:
-            self._last_loss = self._step(start)
-        else:
-            self._last_loss = self._steps(start, self.tf.constant(n, self.tf.int32))
+        self._last_loss = self._calls(n, start)
         self._cursor += n * self.global_batch
 
     def loss(self) -> float:
         return float(self._last_loss)
+
+    def fast_mode(self) -> dict:
+        return self._calls.evidence()
 
     def sync(self) -> None:
         if self._last_loss is not None:

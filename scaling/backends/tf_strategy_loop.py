@@ -19,6 +19,7 @@ from scaling.protocol import Measurement, drive
 
 class TFStrategyLoop:
     devices = 1  # replicas in this process; make_strategy sets it
+    evaluation = "shard"  # each replica evaluates 1/replicas of the test set
 
     def make_strategy(self, ctx: RunContext):  # pragma: no cover - each backend defines it
         raise NotImplementedError
@@ -59,7 +60,7 @@ class TFStrategyLoop:
             self.optimizer.build(self.model.trainable_variables)
         per_example = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
         model, optimizer = self.model, self.optimizer
-        self._evaluate = tf_common.make_evaluator(model)
+        self._evaluate = tf_common.make_strategy_evaluator(model, strategy, self.test_x, self.test_y)
 
         # with jit_compile, the function strategy.run calls is the XLA-compiled one (as in Keras'
         # own trainer): a compiled function nested inside it could not hold the gradient all-reduce
@@ -86,7 +87,7 @@ class TFStrategyLoop:
                 out = strategy.run(replica_step, args=(x, y, perm, start + i * G))
             return out
 
-        self._step_fn, self._steps_fn = step, steps
+        self._calls = tf_common.StepCalls(step, steps, self.steps_per_call, jit)
         self._np = np
         self._cursor = 0
         self._step = 0
@@ -104,10 +105,7 @@ class TFStrategyLoop:
             self.optimizer.learning_rate.assign(self.geometry.lr_at(self._step))
         self._step += n
         start = tf.constant(self._cursor, tf.int32)
-        if n == 1:
-            self._last = self._step_fn(self.x, self.y, self.perm, start)
-        else:
-            self._last = self._steps_fn(self.x, self.y, self.perm, start, tf.constant(n, tf.int32))
+        self._last = self._calls(n, self.x, self.y, self.perm, start)
         self._cursor += n * self.global_batch
 
     def sync(self) -> None:
@@ -122,7 +120,10 @@ class TFStrategyLoop:
         return float(self.strategy.reduce(tf.distribute.ReduceOp.SUM, self._last, axis=None))
 
     def evaluate(self) -> tuple[float, float]:
-        return self._evaluate(self.test_x, self.test_y)
+        return self._evaluate()
+
+    def fast_mode(self) -> dict:
+        return self._calls.evidence()
 
     def device_memory_peak(self) -> int | None:
         return tf_common.device_memory_peak()

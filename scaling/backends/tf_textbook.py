@@ -11,6 +11,7 @@ from scaling.protocol import Measurement
 
 class TFTextbook:
     devices = 1
+    evaluation = "shard"  # one device: its shard is the whole test set
 
     def __init__(self, ctx: RunContext) -> None:
         cfg, train = ctx.config, ctx.train

@@ -287,10 +287,20 @@ class OnTorchDevice:
 
     device: torch.device
     model: torch.nn.Module
+    #: each rank evaluates 1/world of the test set (``sharded_evaluate``; one device: all of it)
+    evaluation = "shard"
 
     @property
     def digest_model(self) -> torch.nn.Module:
         return self.model
+
+    def fast_mode(self) -> dict:
+        """Evidence of ``torch.compile``: the graphs TorchDynamo captured and compiled in this process."""
+        from torch._dynamo.utils import counters
+
+        stats = counters.get("stats", {})
+        return {"compiled_graphs": int(stats.get("unique_graphs", 0)),
+                "compiled_frames": int(stats.get("calls_captured", 0))}
 
     def sync(self) -> None:
         sync(self.device)

@@ -1,0 +1,60 @@
+"""Dashboard pieces that follow the cell's identity: the series each plot draws (one line per
+backend, settings and node count, x = total devices, the layout in the hover) and the section with
+the two verdicts per device count and the rule they follow."""
+from __future__ import annotations
+
+import html
+import math
+from typing import Callable, Iterator
+
+import pandas as pd
+
+from scaling import verdicts
+
+
+def series(agg: pd.DataFrame) -> Iterator[tuple[str, str, pd.DataFrame]]:
+    """(backend, line name, rows sorted by N) per line to draw. A backend measured with several
+    settings, or the study at several node counts, gets a line per settings and node count, so
+    layouts are never joined into one line."""
+    several_settings = agg.groupby("backend")["settings"].nunique().gt(1).to_dict() if not agg.empty else {}
+    several_nodes = agg["nodes"].nunique() > 1 if not agg.empty else False
+    for (backend, settings, nodes), g in agg.groupby(["backend", "settings", "nodes"], sort=True):
+        name = backend + (f" [{settings}]" if several_settings.get(backend) and settings else "")
+        name += f" ({nodes} node{'s' if nodes > 1 else ''})" if several_nodes else ""
+        yield backend, name, g.sort_values("N")
+
+
+def hover(name: str, what: str) -> str:
+    """A hover template naming the line, N, the layout (customdata[0]) and ``what``."""
+    return f"{html.escape(name)}<br>N=%{{x}} (layout %{{customdata[0]}})<br>{what}<extra></extra>"
+
+
+def _verdict_class(row: dict) -> dict:
+    v = str(row.get("verdict") or "")
+    return {"verdict": "v-tf" if v.startswith("TF ") else "v-torch" if v.startswith("PyTorch ") else "v-none"}
+
+
+def _interval(lo: float, hi: float) -> str:
+    return "-" if lo is None or math.isnan(lo) else f"{lo:.2f} .. {hi:.2f}"
+
+
+def verdict_section(found: pd.DataFrame, table: Callable[..., str]) -> str:
+    """Both verdicts per device count as an HTML table (``table``: the report's table renderer)."""
+    if found.empty:
+        return "<p>No seed-claim comparison: no successful runs.</p>"
+    df = found.copy()
+    df["interval"] = [_interval(float(lo), float(hi)) for lo, hi in zip(df["ratio_low"], df["ratio_high"])]
+    df["repeats"] = [f"{a:.0f} / {b:.0f}" if a == a and b == b else "-"
+                     for a, b in zip(df["tf_repeats"].astype(float), df["torch_repeats"].astype(float))]
+    df["p"] = [("-" if p != p else f"{p:.3f} (Holm {q:.3f}, {k:.0f} pairs)")
+               for p, q, k in zip(df["p_value"].astype(float), df["p_adjusted"].astype(float), df["pairs"].astype(float))]
+    return table(df, [("N", "devices", "d"), ("layout", "layout", "s"), ("question", "question", "s"),
+                      ("tf_backend", "best TF backend", "s"), ("tf_value", "TF median", ".4g"),
+                      ("torch_backend", "best PyTorch backend", "s"), ("torch_value", "PyTorch median", ".4g"),
+                      ("ratio", "TF / PyTorch", ".2f"), ("interval", "95% interval", "s"),
+                      ("cliffs_delta", "Cliff's delta", "+.2f"), ("p", "exact p", "s"),
+                      ("repeats", "repeats TF / PT", "s"), ("verdict", "verdict", "s")], row_class=_verdict_class)
+
+
+def rule_paragraph() -> str:
+    return f"<p><b>The rule.</b> {html.escape(verdicts.RULE)}</p>"
