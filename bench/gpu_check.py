@@ -91,7 +91,7 @@ def main() -> int:
     lines = ["| run | status | samples/s | step p50 (us) | accuracy | fast mode ran | error |", "|---|---|---|---|---|---|---|"]
     for name, r in recs.items():
         m = r.get("metrics") or {}
-        fast = (r.get("environment") or {}).get("fast") or {}
+        fast = m.get("fast_mode") or {}
         p50 = (m.get("step_time_s") or {}).get("p50")
         err = (r.get("error") or "").splitlines()[:1]
         lines.append(f"| {name} | {r['status']} | {_f(m.get('samples_per_s'), ',.0f')} | {_f(p50 and p50 * 1e6, '.0f')} | "

@@ -100,5 +100,6 @@ def test_every_torch_record_says_which_step_loop_ran(tmp_path, mnist_cache):
     proc = _run(tmp_path, "backend=torch")
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads((tmp_path / "runs" / "graph.json").read_text())
-    assert record["environment"]["fast"] == {"mode": "none", "ran": "eager"}
+    evidence = record["metrics"]["fast_mode"]
+    assert evidence["mode"] == "none" and evidence["ran"] == "eager" and evidence["compiled_graphs"] == 0
     assert record["metrics"]["sync_every"] == 1 and record["metrics"]["syncs"] == 30

@@ -295,11 +295,14 @@ class OnTorchDevice:
         return self.model
 
     def fast_mode(self) -> dict:
-        """Evidence of ``torch.compile``: the graphs TorchDynamo captured and compiled in this process."""
+        """What ran: the step loop (eager, or the CUDA graph with its captures and replays) and the
+        graphs TorchDynamo captured and compiled in this process (``torch.compile``)."""
         from torch._dynamo.utils import counters
 
         stats = counters.get("stats", {})
-        return {"compiled_graphs": int(stats.get("unique_graphs", 0)),
+        steps = getattr(self, "steps", None)
+        loop = steps.evidence() if hasattr(steps, "evidence") else {}
+        return {"mode": getattr(self, "fast", "none"), **loop, "compiled_graphs": int(stats.get("unique_graphs", 0)),
                 "compiled_frames": int(stats.get("calls_captured", 0))}
 
     def sync(self) -> None:

@@ -120,7 +120,6 @@ class TorchDDP(tc.OnTorchDevice):
     def environment(self) -> dict:
         env = tc.environment(self.device)
         env["process_group"] = self.process_group_backend
-        env["fast"] = {"mode": self.fast, **self.steps.evidence()}
         return env
 
     def train(self, meter: Measurement) -> None:

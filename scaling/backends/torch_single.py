@@ -50,7 +50,7 @@ class TorchSingleDevice(tc.OnTorchDevice):
         return tc.evaluate(self.model, self.test_x, self.test_y)
 
     def environment(self) -> dict:
-        return tc.environment(self.device) | {"fast": {"mode": self.fast, **self.steps.evidence()}}
+        return tc.environment(self.device)
 
     def train(self, meter: Measurement) -> None:
         drive(self, meter, int(self.ctx.train["epochs"]), self.ctx.train.get("max_steps_per_epoch"))
