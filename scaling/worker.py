@@ -56,6 +56,10 @@ def run(cfg: dict[str, Any]) -> dict:
     Raises ConfigError before anything is loaded when the config cannot run (no record then).
     """
     config_mod.validate(cfg)
+    if cfg.get("comm"):  # a collective micro-benchmark cell (`scaling comm`), launched like any cell
+        from scaling.comm.worker import run as run_comm
+
+        return run_comm(cfg)
     process_start = process_start_time()
     rank, world, local_rank, local_world = rank_info()
     pinned = pin_cpu_share(cfg, local_rank, local_world)
