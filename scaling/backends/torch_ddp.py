@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from scaling import settings
 from scaling.backends import RunContext
 from scaling.backends import torch_common as tc
 from scaling.protocol import Measurement, drive
@@ -68,12 +69,24 @@ class TorchDDP(tc.OnTorchDevice):
         model = torch_models.build(cfg["workload"]["name"], ds.num_classes).to(self.device)
         if (cfg["backend"].get("fast") or "none") == "compile":
             model = torch.compile(model)
-        self.model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=g.lr_at(0))
+        self.model, self.optimizer = self.parallelize(model, g.lr_at(0))
         torch.manual_seed(cfg["seed"] * 1000 + self.rank)  # dropout masks differ per rank
         self.steps = tc.ShardedSteps(self.model, self.optimizer, self.x, self.y, g, cfg["seed"], self.rank)
+
+    def parallelize(self, model: torch.nn.Module, lr: float) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """DDP around the model (with the settings in force), Adam over its parameters."""
+        ddp = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                  **settings.in_force(self.ctx.config))
+        return ddp, torch.optim.Adam(ddp.parameters(), lr=lr)
+
+    def settings_in_force(self) -> dict:
+        """What DDP reports it runs with (bucket cap in bytes, views, static graph)."""
+        m = self.model
+        return {"bucket_cap_mb": getattr(m, "bucket_bytes_cap", 0) / 2 ** 20,
+                "gradient_as_bucket_view": bool(getattr(m, "gradient_as_bucket_view", False)),
+                "static_graph": bool(getattr(m, "static_graph", False))}
 
     def begin_epoch(self, epoch: int) -> None:
         self.steps.begin_epoch(epoch)
@@ -88,7 +101,7 @@ class TorchDDP(tc.OnTorchDevice):
         return float(value.item()) / self.world
 
     def evaluate(self) -> tuple[float, float]:
-        return tc.sharded_evaluate(self.model.module, self.test_x, self.test_y, self.rank, self.world, _dist_sum)
+        return tc.sharded_evaluate(self.digest_model, self.test_x, self.test_y, self.rank, self.world, _dist_sum)
 
     @property
     def digest_model(self) -> torch.nn.Module:
