@@ -73,5 +73,13 @@ def validate(cfg: dict) -> None:
         plan(cfg)
     except GeometryError as exc:
         raise ConfigError(str(exc)) from None
+    from scaling.settings import VARIANTS
+
+    if (cfg.get("variant") or "defaults") not in VARIANTS:
+        raise ConfigError(f"variant={cfg.get('variant')!r}: must be one of {', '.join(VARIANTS)}")
+    from scaling.placement import PLACEMENTS
+
+    if (cfg.get("placement") or "core") not in PLACEMENTS:
+        raise ConfigError(f"placement={cfg.get('placement')!r}: must be one of {', '.join(PLACEMENTS)}")
     if cfg.get("device") not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device={cfg.get('device')!r}: must be auto, cpu or cuda")

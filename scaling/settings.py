@@ -34,3 +34,13 @@ def apply_environment(cfg: dict) -> dict[str, str]:
 def described(cfg: dict, read_back: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a record lists: the variant, what was passed, and what the library reports in force."""
     return {"variant": variant(cfg), "passed": in_force(cfg), "in_force": dict(read_back or {})}
+
+
+#: Horovod's tuning knobs, with the defaults Horovod documents (used when a variable is unset)
+HOROVOD_KNOBS = {"HOROVOD_CYCLE_TIME": "default (1 ms)", "HOROVOD_FUSION_THRESHOLD": "default (64 MiB)",
+                 "HOROVOD_AUTOTUNE": "default (off)"}
+
+
+def horovod_in_force() -> dict[str, str]:
+    """Horovod's knobs as this process's environment sets them."""
+    return {k: os.environ.get(k, default) for k, default in HOROVOD_KNOBS.items()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 
+from scaling import settings
 from scaling.backends import RunContext
 from scaling.backends import tf_common
 from scaling.data import epoch_permutation, rank_shard
@@ -28,6 +29,7 @@ class HorovodTF:
         import horovod.tensorflow as hvd
         import tensorflow as tf
 
+        settings.apply_environment(cfg)  # HOROVOD_* knobs are read at init
         hvd.init()
         tf_common.configure(cfg.get("threads"), cfg["device"])
         gpus = tf.config.list_physical_devices("GPU")
@@ -128,6 +130,9 @@ class HorovodTF:
         for v in self.model.trainable_variables:
             h.update(v.numpy().tobytes())
         return [h.hexdigest()]
+
+    def settings_in_force(self) -> dict:
+        return settings.horovod_in_force()
 
     def environment(self) -> dict:
         import horovod

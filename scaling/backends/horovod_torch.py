@@ -9,6 +9,7 @@ from __future__ import annotations
 import horovod.torch as hvd
 import torch
 
+from scaling import settings
 from scaling.backends import RunContext
 from scaling.backends import torch_common as tc
 from scaling.protocol import Measurement, drive
@@ -21,6 +22,7 @@ class HorovodTorch(tc.OnTorchDevice):
 
     def __init__(self, ctx: RunContext) -> None:
         cfg = ctx.config
+        settings.apply_environment(cfg)  # HOROVOD_* knobs are read at init
         hvd.init()
         tc.configure_threads(cfg.get("threads"))
         self.ctx = ctx
@@ -55,6 +57,9 @@ class HorovodTorch(tc.OnTorchDevice):
     def evaluate(self) -> tuple[float, float]:
         return tc.sharded_evaluate(self.model, self.test_x, self.test_y, self.rank, self.world,
                                    lambda t: hvd.allreduce(t.cpu(), op=hvd.Sum, name="eval_sums"))
+
+    def settings_in_force(self) -> dict:
+        return settings.horovod_in_force()
 
     def environment(self) -> dict:
         import horovod

@@ -9,16 +9,18 @@ from __future__ import annotations
 import os
 import time
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from scaling import comm, records, tracking
 from scaling import worker as train_worker
+from scaling.placement import Placement
 
 
-def measure(path, cfg: dict) -> dict[str, Any]:
-    """Every message size's figures for this cell (the same on every rank)."""
+def measure(path, cfg: dict, before_each: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Every message size's figures for this cell (the same on every rank); ``before_each`` runs
+    before each size (the placement settles threads the library started lazily)."""
     from scaling.workloads import WORKLOADS
 
     ccfg = cfg["comm"]
@@ -28,6 +30,7 @@ def measure(path, cfg: dict) -> dict[str, Any]:
     sizes = []
     for nbytes, label in comm.message_sizes(ccfg, labelled):
         iters = comm.iterations_for(ccfg, nbytes)
+        before_each()
         mine = path.time_all_reduce(nbytes // comm.ELEMENT_BYTES, int(ccfg["warmup"]), iters)
         table = np.zeros((path.processes, iters))
         table[path.rank] = mine
@@ -48,7 +51,8 @@ def run(cfg: dict[str, Any]) -> dict:
         train_worker.slurm_rendezvous()
         if cfg["backend"].get("launcher") == "horovodrun" and "HOROVOD_RANK" not in os.environ:
             train_worker._horovod_under_srun(cfg, cfg.get("run_name"))
-    pinned = train_worker.pin_cpu_share(cfg, local_rank, local_world)
+    placer = Placement(cfg, local_rank, local_world)
+    pinned = placer.apply()
     group = cfg.get("group") or "runs"
     run_id = cfg.get("run_name") or "comm_" + train_worker.default_run_id(cfg, int(cfg["devices"]))
     metrics, error, env, path = None, None, {}, None
@@ -59,9 +63,10 @@ def run(cfg: dict[str, Any]) -> dict:
         ctx = RunContext(config=cfg, dataset=None, geometry=plan(cfg), rank=rank, world_size=world,
                          local_rank=local_rank, local_world_size=local_world)
         path = open_path(ctx)
+        placer.settle()  # the library's threads exist now
         rank = path.rank
         train_worker.announce(phase="measuring")
-        metrics = measure(path, cfg)
+        metrics = measure(path, cfg, placer.settle)
         metrics["wall_s"] = time.time() - started
     except Exception as exc:  # the cell failed: record why
         error = f"rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
@@ -71,10 +76,12 @@ def run(cfg: dict[str, Any]) -> dict:
                 env = path.environment()
             except Exception:
                 env = {}
+            env["placement"] = placer.describe()
             try:
                 path.close()
             except Exception:
                 pass
+        env["settings"] = train_worker.settings_of(cfg, path)
         record = records.make_record(
             run_id=run_id, group=group, config=cfg,
             environment=records.capture_environment(env.pop("frameworks", None), env.pop("gpu", None)) | env,
