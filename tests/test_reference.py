@@ -1,4 +1,4 @@
-"""The reference loop (backend=torch_reference): one flat all-reduce per step, no DDP."""
+"""The reference loops (torch_reference, horovod_reference): one flat all-reduce per step."""
 import numpy as np
 import pytest
 
@@ -34,13 +34,16 @@ def test_one_flat_all_reduce_per_step_averages_every_gradient():
 
 
 @pytest.mark.multiprocess
-def test_reference_loop_tracks_one_worker_and_stays_in_sync(tmp_path, mnist_cache):
+@pytest.mark.parametrize("backend, module", [("torch_reference", "torch.distributed"),
+                                             ("horovod_reference", "horovod.torch")])
+def test_reference_loop_tracks_one_worker_and_stays_in_sync(tmp_path, mnist_cache, backend, module):
+    pytest.importorskip(module)
     from test_distributed import STEPS, TRACK_MAX, TRACK_MEAN, run_ok
 
     common = ["train.epochs=1", f"train.max_steps_per_epoch={STEPS}", "protocol.log_every=1",
               "protocol.warmup_steps=0", "scaling=strong", "train.global_batch=64"]
     one = run_ok(tmp_path, "one", "backend=torch", "devices=1", *common)
-    two = run_ok(tmp_path, "two", "backend=torch_reference", "devices=2", *common)
+    two = run_ok(tmp_path, "two", f"backend={backend}", "devices=2", *common)
     assert two["metrics"]["ranks_in_sync"] is True
     a = np.array([v for _, v in one["metrics"]["train_loss"]])
     b = np.array([v for _, v in two["metrics"]["train_loss"]])

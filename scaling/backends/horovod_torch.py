@@ -39,11 +39,15 @@ class HorovodTorch(tc.OnTorchDevice):
         self.steps_per_epoch = self.x.shape[0] // g.global_batch
         self.model = torch_models.build(cfg["workload"]["name"], ds.num_classes).to(self.device)
         optimizer = torch.optim.Adam(self.model.parameters(), lr=g.lr_at(0))
-        self.optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=self.model.named_parameters())
+        self.optimizer = self.distributed_optimizer(optimizer)
         hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
         hvd.broadcast_optimizer_state(self.optimizer, root_rank=0)
         torch.manual_seed(cfg["seed"] * 1000 + self.rank)  # dropout masks differ per rank
         self.steps = tc.ShardedSteps(self.model, self.optimizer, self.x, self.y, g, cfg["seed"], self.rank)
+
+    def distributed_optimizer(self, optimizer: torch.optim.Optimizer):
+        """Horovod's DistributedOptimizer: an all-reduce per gradient as backward produces it."""
+        return hvd.DistributedOptimizer(optimizer, named_parameters=self.model.named_parameters())
 
     def begin_epoch(self, epoch: int) -> None:
         self.steps.begin_epoch(epoch)

@@ -1,8 +1,11 @@
-"""The reference loop over torch.distributed: the minimal hand-written data-parallel step, with
-no DDP: forward, backward, one all-reduce of every gradient as one flat buffer, average, step.
+"""The reference loops: the minimal hand-written data-parallel step, with no DDP and no
+DistributedOptimizer: forward, backward, one all-reduce of every gradient as one flat buffer,
+average, step; over torch.distributed (``torch_reference``, here) and over Horovod
+(``horovod_reference``, in its own module).
 
-It is the practical floor for ``torch_ddp`` and ``lightning_ddp`` (the same library, the same
-data layout, the same protocol): what a backend costs beyond it is that backend's overhead.
+Each is the practical floor for the backends over the same library (``torch_ddp`` and
+``lightning_ddp``; ``horovod_torch``), with the same data layout and protocol: what a backend
+costs beyond it is that backend's overhead.
 Gradients live as views of one flat buffer, so the all-reduce needs no copy in or out.
 """
 from __future__ import annotations
@@ -29,9 +32,11 @@ class FlatAllReduce:
             p.grad = self.flat[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
 
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
+    def __getattr__(self, name: str):
+        # everything but zero_grad and step is the wrapped optimizer's (param_groups, state_dict...)
+        if name == "optimizer":
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)
 
     def zero_grad(self) -> None:
         self.flat.zero_()  # keep the views: backward accumulates into the flat buffer
@@ -45,9 +50,6 @@ class FlatAllReduce:
         self.all_reduce_sum(self.flat)
         self.flat.div_(self.world)
         self.optimizer.step()
-
-    def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
 
 
 class TorchReference(TorchDDP):
@@ -63,3 +65,4 @@ class TorchReference(TorchDDP):
 
     def settings_in_force(self) -> dict:
         return {"all_reduce": "one flat buffer per step, gradients as its views"}
+
