@@ -43,6 +43,7 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"data.name={cfg['data']['name']!r}: unknown dataset. Fix: data=<one of {list(DATASETS)}>")
     if cfg["workload"]["name"] not in WORKLOADS:
         raise ConfigError(f"workload.name={cfg['workload']['name']!r}: unknown workload. Fix: workload=<one of {list(WORKLOADS)}>")
+    _positive_int(cfg, "workload.hidden", allow_none=True)
     _positive_int(cfg, "train.per_device_batch")
     _positive_int(cfg, "train.epochs")
     _positive_int(cfg, "train.max_steps_per_epoch", allow_none=True)

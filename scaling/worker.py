@@ -44,6 +44,9 @@ def run(cfg: dict[str, Any]) -> dict:
     Raises ConfigError before anything is loaded when the config cannot run (no record then).
     """
     config_mod.validate(cfg)
+    from scaling.workloads import parameters
+
+    cfg = {**cfg, "workload": {**cfg["workload"], "parameters": parameters(cfg["workload"])}}  # for its width
     if cfg.get("comm"):  # a collective micro-benchmark cell (`scaling comm`), launched like any cell
         from scaling.comm.worker import run as run_comm
 

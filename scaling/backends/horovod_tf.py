@@ -58,7 +58,7 @@ class HorovodTF:
             self.shard = tf.Variable(tf.zeros([len(ds.train_y) // g.global_batch * b], tf.int32), trainable=False)
         self.n = len(ds.train_y)
         self.steps_per_epoch = self.n // g.global_batch
-        self.model = model = tf_models.build(cfg["workload"]["name"], ds.num_classes)
+        self.model = model = tf_models.build(cfg["workload"], ds.num_classes)
         self.optimizer = optimizer = keras.optimizers.Adam(learning_rate=g.lr_at(0))
         optimizer.build(model.trainable_variables)
         hvd.broadcast_variables(_tf_vars(model.variables), root_rank=0)

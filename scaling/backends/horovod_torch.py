@@ -37,7 +37,7 @@ class HorovodTorch(tc.OnTorchDevice):
         self.test_x, self.test_y = tc.to_device_tensors(ds.test_x, ds.test_y, self.device)
         self.global_batch, self.per_device_batch = g.global_batch, g.per_device_batch
         self.steps_per_epoch = self.x.shape[0] // g.global_batch
-        self.model = torch_models.build(cfg["workload"]["name"], ds.num_classes).to(self.device)
+        self.model = torch_models.build(cfg["workload"], ds.num_classes).to(self.device)
         optimizer = torch.optim.Adam(self.model.parameters(), lr=g.lr_at(0))
         self.optimizer = self.distributed_optimizer(optimizer)
         hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)

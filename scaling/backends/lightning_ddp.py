@@ -127,7 +127,7 @@ class LightningDDP(tc.OnTorchDevice):
         self.test_x, self.test_y = tc.to_device_tensors(ds.test_x, ds.test_y, self.device)
         self.global_batch, self.per_device_batch = g.global_batch, g.per_device_batch
         self.steps_per_epoch = self.x.shape[0] // g.global_batch
-        self.model = torch_models.build(cfg["workload"]["name"], ds.num_classes)
+        self.model = torch_models.build(cfg["workload"], ds.num_classes)
         limit = cfg["train"].get("max_steps_per_epoch")
         self.loader = torch.utils.data.DataLoader(
             DeviceBatches(self.x, self.y), batch_size=None,

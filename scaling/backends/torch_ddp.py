@@ -66,7 +66,7 @@ class TorchDDP(tc.OnTorchDevice):
         self.test_x, self.test_y = tc.to_device_tensors(ds.test_x, ds.test_y, self.device)
         self.global_batch, self.per_device_batch = g.global_batch, g.per_device_batch
         self.steps_per_epoch = self.x.shape[0] // g.global_batch
-        model = torch_models.build(cfg["workload"]["name"], ds.num_classes).to(self.device)
+        model = torch_models.build(cfg["workload"], ds.num_classes).to(self.device)
         if (cfg["backend"].get("fast") or "none") == "compile":
             model = torch.compile(model)
         if self.device.type == "cuda":

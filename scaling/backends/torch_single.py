@@ -29,7 +29,7 @@ class TorchSingleDevice(tc.OnTorchDevice):
         self.x, self.y = tc.to_device_tensors(ds.train_x, ds.train_y, self.device)
         self.test_x, self.test_y = tc.to_device_tensors(ds.test_x, ds.test_y, self.device)
         self.steps_per_epoch = self.x.shape[0] // self.global_batch  # full batches only
-        self.model = torch_models.build(cfg["workload"]["name"], ds.num_classes).to(self.device)
+        self.model = torch_models.build(cfg["workload"], ds.num_classes).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=ctx.geometry.lr_at(0))
         fast = cfg["backend"].get("fast") or "none"
         self.step_model = torch.compile(self.model) if fast == "compile" else self.model

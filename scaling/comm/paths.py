@@ -42,7 +42,8 @@ class CollectivePath:
     def exchange(self, values: np.ndarray) -> np.ndarray:
         return values
 
-    def gradient_elements(self, workload: str) -> int:  # pragma: no cover - each path defines it
+    def gradient_elements(self, workload: str | dict) -> int:  # pragma: no cover - each path defines it
+        """Trainable parameters of the workload (a name, or its config) as this library builds it."""
         raise NotImplementedError
 
     def environment(self) -> dict:
@@ -86,10 +87,10 @@ class TorchDistributed(CollectivePath):
         self.dist.all_reduce(t)
         return t.cpu().numpy()
 
-    def gradient_elements(self, workload: str) -> int:
+    def gradient_elements(self, workload: str | dict) -> int:
         from scaling.workloads import torch_models
 
-        return sum(p.numel() for p in torch_models.build(workload).parameters() if p.requires_grad)
+        return torch_models.parameter_count(torch_models.build(workload))
 
     def environment(self) -> dict:
         env = self.tc.environment(self.device)
@@ -130,10 +131,10 @@ class HorovodTorch(CollectivePath):
         t = self.torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64))
         return self.hvd.allreduce(t, op=self.hvd.Sum, name="comm_exchange").numpy()
 
-    def gradient_elements(self, workload: str) -> int:
+    def gradient_elements(self, workload: str | dict) -> int:
         from scaling.workloads import torch_models
 
-        return sum(p.numel() for p in torch_models.build(workload).parameters() if p.requires_grad)
+        return torch_models.parameter_count(torch_models.build(workload))
 
     def environment(self) -> dict:
         import horovod
@@ -177,8 +178,10 @@ class HorovodTF(CollectivePath):
     def exchange(self, values: np.ndarray) -> np.ndarray:
         return self.hvd.allreduce(self.tf.constant(values, self.tf.float64), op=self.hvd.Sum, name="comm_exchange").numpy()
 
-    def gradient_elements(self, workload: str) -> int:
-        return _keras_parameters(workload)
+    def gradient_elements(self, workload: str | dict) -> int:
+        from scaling.workloads import tf_models
+
+        return tf_models.parameter_count(tf_models.build(workload))
 
     def environment(self) -> dict:
         import horovod
@@ -236,8 +239,10 @@ class TFStrategy(CollectivePath):
         flat = np.asarray(values, dtype=np.float32).ravel()
         return self.all_reduce(self.buffer(flat.size, flat))[0].reshape(values.shape).astype(np.float64)
 
-    def gradient_elements(self, workload: str) -> int:
-        return _keras_parameters(workload)
+    def gradient_elements(self, workload: str | dict) -> int:
+        from scaling.workloads import tf_models
+
+        return tf_models.parameter_count(tf_models.build(workload))
 
     def environment(self) -> dict:
         env = self.tf_common.environment()
@@ -251,13 +256,6 @@ class TFStrategy(CollectivePath):
         if cross is not None:
             env["cross_device_ops"] = type(cross).__name__
         return env
-
-
-def _keras_parameters(workload: str) -> int:
-    from scaling.workloads import tf_models
-
-    model = tf_models.build(workload)
-    return int(sum(int(np.prod(v.shape)) for v in model.trainable_variables))
 
 
 def open_path(ctx: RunContext) -> CollectivePath:

@@ -21,11 +21,13 @@ from scaling.placement import Placement
 def measure(path, cfg: dict, before_each: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Every message size's figures for this cell (the same on every rank); ``before_each`` runs
     before each size (the placement settles threads the library started lazily)."""
-    from scaling.workloads import WORKLOADS
+    from scaling.workloads import WORKLOADS, label
 
     ccfg = cfg["comm"]
-    labelled = {name: path.gradient_elements(name) * comm.ELEMENT_BYTES
-                for name in (ccfg.get("gradients") or WORKLOADS)}
+    # every workload at its default width, and the cell's own workload at its width
+    workloads = {label(name): name for name in (ccfg.get("gradients") or WORKLOADS)}
+    workloads[label(cfg["workload"])] = cfg["workload"]
+    labelled = {key: path.gradient_elements(w) * comm.ELEMENT_BYTES for key, w in workloads.items()}
     n = int(cfg["devices"]) * int(cfg["cluster"]["nodes"])
     sizes = []
     for nbytes, label in comm.message_sizes(ccfg, labelled):
