@@ -111,7 +111,7 @@ def print_summary(record: dict) -> None:
         return
     table.title += f"  {m['library']}, N={m['devices']}"
     for col in ("bytes", "workload", "iters", "p50 us", "p95 us", "algbw GB/s", "busbw GB/s"):
-        table.add_column(col, justify="left" if col == "workload" else "right")
+        table.add_column(col, justify="left" if col == "workload" else "right", no_wrap=True)
     for s in m["sizes"]:
         lat = s["latency_s"]
         table.add_row(f"{s['bytes']:,}", s["label"] or "", str(s["iters"]), f"{lat['p50'] * 1e6:,.1f}",
