@@ -94,6 +94,8 @@ def load(results_dir: str | Path) -> Loaded:
         if not isinstance(record.get("config"), dict) or record.get("status") not in ("ok", "failed"):
             out.problems.append(f"{rel}: schema version {version} but no config or status, skipped")
             continue
+        if record.get("kind", "train") != "train":
+            continue  # another kind of measurement (`scaling comm`): scaling.report_comm reads those
         out.records.append(record)
         out.paths.append(path)
     for version, count in versions.items():

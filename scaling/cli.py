@@ -17,6 +17,9 @@ verbs:
   sweep experiment=NAME [OVERRIDES...] [--resume]
                              run a study's cells (Hydra multirun), skipping finished ones
                              e.g. scaling sweep experiment=local_cpu
+  comm [OVERRIDES...]        the all-reduce micro-benchmark through each backend's collective path,
+                             N = 2..devices; records, dashboard section, W&B
+                             e.g. scaling comm devices=2 backend=torch_ddp,horovod_torch
   results list|show|export RESULTS_DIR
                              sweeps and cells; speedup, efficiency, Karp-Flatt; CSV/Parquet export
   report RESULTS_DIR [--out DIR]
@@ -78,7 +81,12 @@ def _hydra_run() -> int:
             status["code"] = 2
             return
         if record["environment"].get("rank", 0) == 0:
-            worker.print_summary(record)
+            if record.get("kind") == "comm":
+                from scaling.comm.worker import print_summary
+
+                print_summary(record)
+            else:
+                worker.print_summary(record)
         if record["status"] != "ok":
             print(f"scaling run: run failed: {record['error']}", file=sys.stderr)
             status["code"] = 1
@@ -239,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
             return _slurm_sweep(rest, wait=wait)
         sys.argv = ["scaling sweep", "--multirun", *[a for a in rest if a != "--one-geometry"]]
         return _hydra_run()
+    if verb == "comm":
+        from scaling.comm.cli import comm_command
+
+        return comm_command(rest)
     if verb in ("results", "report", "predict"):
         import importlib
 

@@ -43,6 +43,7 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"data.name={cfg['data']['name']!r}: unknown dataset. Fix: data=<one of {list(DATASETS)}>")
     if cfg["workload"]["name"] not in WORKLOADS:
         raise ConfigError(f"workload.name={cfg['workload']['name']!r}: unknown workload. Fix: workload=<one of {list(WORKLOADS)}>")
+    _positive_int(cfg, "workload.hidden", allow_none=True)
     _positive_int(cfg, "train.per_device_batch")
     _positive_int(cfg, "train.epochs")
     _positive_int(cfg, "train.max_steps_per_epoch", allow_none=True)
@@ -73,6 +74,14 @@ def validate(cfg: dict) -> None:
         plan(cfg)
     except GeometryError as exc:
         raise ConfigError(str(exc)) from None
+    from scaling.settings import VARIANTS
+
+    if (cfg.get("variant") or "defaults") not in VARIANTS:
+        raise ConfigError(f"variant={cfg.get('variant')!r}: must be one of {', '.join(VARIANTS)}")
+    from scaling.placement import PLACEMENTS
+
+    if (cfg.get("placement") or "core") not in PLACEMENTS:
+        raise ConfigError(f"placement={cfg.get('placement')!r}: must be one of {', '.join(PLACEMENTS)}")
     if cfg.get("device") not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device={cfg.get('device')!r}: must be auto, cpu or cuda")
     _check_fast_mode(cfg)

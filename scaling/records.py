@@ -25,6 +25,26 @@ _STATS = {
     "properties": {k: _NUMBER_OR_NULL for k in ("mean", "p50", "p95", "min", "max", "cv")} | {"n": {"type": "integer"}},
 }
 
+#: what a record measures: a training run, or the collective micro-benchmark (``scaling comm``)
+KINDS = ("train", "comm")
+
+_COMM_SIZE = {
+    "type": "object",
+    "required": ["bytes", "elements", "iters", "latency_s", "algbw_bytes_per_s", "busbw_bytes_per_s"],
+    "properties": {"bytes": {"type": "integer", "minimum": 1}, "elements": {"type": "integer"},
+                   "label": {"type": ["string", "null"]}, "iters": {"type": "integer", "minimum": 1},
+                   "latency_s": _STATS, "algbw_bytes_per_s": _NUMBER_OR_NULL, "busbw_bytes_per_s": _NUMBER_OR_NULL},
+}
+#: metrics of a ``kind: comm`` record: one entry per message size
+COMM_METRICS: dict[str, Any] = {
+    "type": "object",
+    "required": ["collective", "library", "devices", "processes", "gradient_bytes", "sizes"],
+    "properties": {"collective": {"const": "all_reduce"}, "library": {"type": "string"},
+                   "devices": {"type": "integer", "minimum": 1}, "processes": {"type": "integer", "minimum": 1},
+                   "gradient_bytes": {"type": "object", "additionalProperties": {"type": "integer"}},
+                   "sizes": {"type": "array", "minItems": 1, "items": _COMM_SIZE}},
+}
+
 RECORD_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "scaling result record",
@@ -35,6 +55,8 @@ RECORD_SCHEMA: dict[str, Any] = {
         "run_id": {"type": "string", "minLength": 1},
         "group": {"type": "string", "minLength": 1},
         "status": {"enum": ["ok", "failed"]},
+        # train (a training run; records without the key are train records) or comm (scaling comm)
+        "kind": {"enum": list(KINDS)},
         "created": {"type": "string"},
         "config": {"type": "object"},
         "environment": {
@@ -71,6 +93,7 @@ RECORD_SCHEMA: dict[str, Any] = {
                         "peak_device_memory_bytes": {"type": ["integer", "null"]},
                     },
                 },
+                COMM_METRICS,
             ]
         },
     },
@@ -94,16 +117,26 @@ def validate(record: dict) -> None:
         raise RecordError(f"record {record['run_id']}: status ok but no metrics")
     if record["status"] == "failed" and not record["error"]:
         raise RecordError(f"record {record['run_id']}: status failed but no error message")
+    if record["metrics"] is not None and ("sizes" in record["metrics"]) != (kind(record) == "comm"):
+        raise RecordError(f"record {record['run_id']}: kind {kind(record)} but metrics of another kind")
+
+
+def kind(record: dict) -> str:
+    """What the record measures (records written before kinds existed are training runs)."""
+    return record.get("kind") or "train"
 
 
 def make_record(
-    *, run_id: str, group: str, config: dict, environment: dict, metrics: dict | None, error: str | None
+    *, run_id: str, group: str, config: dict, environment: dict, metrics: dict | None, error: str | None,
+    kind: str | None = None,
 ) -> dict:
+    """A record; its kind defaults to the config's (a config with a ``comm`` block is a comm cell)."""
     return {
         "schema_version": SCHEMA_VERSION,
         "run_id": run_id,
         "group": group,
         "status": "failed" if error else "ok",
+        "kind": kind or ("comm" if config.get("comm") else "train"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": config,
         "environment": environment,

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from scaling import analysis, report_cells, scaling_model, verdicts
+from scaling import analysis, report_cells, report_comm, scaling_model, verdicts
 from scaling.predict import fmt_param
 
 # TF backends in warm colours, PyTorch backends in cool ones: the seed claim reads off the hue.
@@ -368,10 +368,12 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None, png: bool 
         if not s.agg.empty:
             s.figures = _figures(s, colour)
             figures += s.figures
+    comm = report_comm.section(results_dir, Figure, _fig_html)  # `scaling comm` records, if any
+    figures += comm.figures
     pngs, png_problem = write_pngs(figures, out) if png else ([], None)
     if png_problem:
         problems.append(png_problem)
-    body = render_html(results_dir, loaded, cells, study_list, problems, pngs)
+    body = render_html(results_dir, loaded, cells, study_list, problems, pngs, extra_html=comm.html)
     html_path = out / "index.html"
     tmp = html_path.with_suffix(".html.tmp")
     tmp.write_text(body, encoding="utf-8")
@@ -549,7 +551,7 @@ def _agg_table(agg: pd.DataFrame) -> str:
 
 
 def render_html(results_dir: Path, loaded: analysis.Loaded, cells: pd.DataFrame, study_list: list[Study],
-                problems: list[str], pngs: list[Path]) -> str:
+                problems: list[str], pngs: list[Path], extra_html: str = "") -> str:
     from plotly.offline import get_plotlyjs
 
     generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -582,6 +584,7 @@ def render_html(results_dir: Path, loaded: analysis.Loaded, cells: pd.DataFrame,
         parts.append("<h3>Scaling model and predictions</h3>")
         parts.append("".join(_fig_html(f) for f in s.figures if f.name.endswith("-model")))
         parts.append(_model_section(s))
+    parts.append(extra_html)
     parts.append("<h2 id='environment'>Environment</h2>")
     env = analysis.environments(loaded.records)
     if env.empty:

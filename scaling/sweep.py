@@ -22,15 +22,17 @@ from typing import Any
 from scaling import records
 
 #: overrides that name the cell in its id, in this order
-NAMED = ("backend", "workload", "data", "scaling", "devices", "cluster.nodes", "repeat")
+NAMED = ("backend", "workload", "data", "scaling", "devices", "cluster.nodes", "repeat", "variant")
 #: overrides that say where or how a sweep runs, not what a cell measures
 BOOKKEEPING = {"experiment", "sweep_id", "results_dir", "progress", "cluster", "logger", "hydra.mode"}
 
 
 def cell_id(cfg: dict, task_overrides: list[str]) -> str:
     """A readable, stable id: the named axes, plus a short hash of any other override."""
-    base = (f"{cfg['backend']['name']}-{cfg['workload']['name']}-{cfg['data']['name']}-{cfg.get('scaling', 'weak')}"
+    base = ("comm-" if cfg.get("comm") else "") + (f"{cfg['backend']['name']}-{cfg['workload']['name']}-{cfg['data']['name']}-{cfg.get('scaling', 'weak')}"
             f"-n{cfg['devices']}x{cfg['cluster']['nodes']}-r{cfg.get('repeat', 0)}")
+    if (cfg.get("variant") or "defaults") != "defaults":
+        base += f"-{cfg['variant']}"
     extra = sorted(o.lstrip("+~") for o in task_overrides if not _bookkeeping(o.lstrip("+~").split("=", 1)[0]))
     if extra:
         base += "-" + hashlib.sha1("\n".join(extra).encode()).hexdigest()[:8]
@@ -71,7 +73,7 @@ def run_cell(cfg: dict[str, Any], task_overrides: list[str], job_num: int) -> di
         return None
     done = finished(cfg["results_dir"], sweep_id, run_id)
     if done:
-        print(f"{tag}: done already ({done['metrics']['samples_per_s']:,.0f} samples/s), skipped", file=sys.stderr, flush=True)
+        print(f"{tag}: done already ({headline(done)}), skipped", file=sys.stderr, flush=True)
         return done
     if cfg["cluster"].get("name") == "slurm":
         return _run_in_slurm_task(cfg, tag)
@@ -82,12 +84,18 @@ def run_cell(cfg: dict[str, Any], task_overrides: list[str], job_num: int) -> di
     record = launch(cfg)
     took = time.monotonic() - t0
     if record["status"] == "ok":
-        m = record["metrics"]
-        print(f"{tag}: ok, {m['samples_per_s']:,.0f} samples/s, accuracy {m['final_test_accuracy']:.4f} ({took:.1f} s)",
-              file=sys.stderr, flush=True)
+        print(f"{tag}: ok, {headline(record)} ({took:.1f} s)", file=sys.stderr, flush=True)
     else:
         print(f"{tag}: FAILED ({took:.1f} s): {record['error'].splitlines()[0]}", file=sys.stderr, flush=True)
     return record
+
+
+def headline(record: dict) -> str:
+    """A finished cell in a few words: throughput and accuracy, or what a comm cell measured."""
+    m = record["metrics"]
+    if records.kind(record) == "comm":
+        return f"{len(m['sizes'])} message sizes over {m['library']}"
+    return f"{m['samples_per_s']:,.0f} samples/s, accuracy {m['final_test_accuracy']:.4f}"
 
 
 def _run_in_slurm_task(cfg: dict, tag: str) -> dict | None:

@@ -356,8 +356,8 @@ def _plain(cfg: Any) -> dict:
 
 def _log_sweep_summary(cfg: dict, sweep_id: str) -> Path | None:
     results_dir = cfg["results_dir"]
-    recs = [rec for _, rec in records.read_records(results_dir) if rec.get("group") == sweep_id] \
-        if Path(results_dir).exists() else []
+    recs = [rec for _, rec in records.read_records(results_dir) if rec.get("group") == sweep_id
+            and records.kind(rec) == "train"] if Path(results_dir).exists() else []
     if not recs or (cfg.get("logger") or {}).get("name") != "wandb":
         return None
     rows = sweep_rows(recs)
@@ -388,3 +388,51 @@ def _log_sweep_summary(cfg: dict, sweep_id: str) -> Path | None:
         _say_where(run, where)
     tracker._call(run.finish)
     return where if tracker.active else None
+
+
+# -- one run per comm cell --------------------------------------------------------------------
+
+COMM_COLUMNS = ["bytes", "label", "iters", "latency_p50_s", "latency_p95_s", "algbw_bytes_per_s", "busbw_bytes_per_s"]
+
+
+def comm_rows(metrics: dict) -> list[dict]:
+    """One row per message size of a comm record's metrics."""
+    return [{"bytes": s["bytes"], "label": s.get("label"), "iters": s["iters"], "latency_p50_s": s["latency_s"]["p50"],
+             "latency_p95_s": s["latency_s"]["p95"], "algbw_bytes_per_s": s["algbw_bytes_per_s"],
+             "busbw_bytes_per_s": s["busbw_bytes_per_s"]} for s in metrics.get("sizes") or []]
+
+
+def log_comm_run(cfg: dict, record: dict) -> None:
+    """A comm cell's W&B run (``job_type="comm"``): history against ``bytes``, a table of every
+    size, and each workload's gradient-size figures in the summary (``mlp.latency_p50_s``...).
+    Never raises."""
+    try:
+        config = scrub_secrets({**cfg, "environment": record.get("environment") or {}})
+        run = start_run(cfg, group=record["group"], job_type="comm", name=record["run_id"], config=config)
+    except Exception as exc:
+        _warn(f"comm run not logged ({_first_line(exc)})")
+        return
+    if run is None:
+        return
+    tracker = WandbTracker(run, step_axis=False)
+    rows = comm_rows(record.get("metrics") or {})
+
+    def log() -> None:
+        import wandb
+
+        run.define_metric("bytes")
+        run.define_metric("*", step_metric="bytes")
+        for row in rows:
+            run.log({k: v for k, v in row.items() if k != "label"})
+        run.log({"sizes": wandb.Table(columns=COMM_COLUMNS, data=[[r[c] for c in COMM_COLUMNS] for r in rows])})
+        summary: dict[str, Any] = {"status": record["status"], "library": (record.get("metrics") or {}).get("library")}
+        for row in rows:
+            for label in (row["label"] or "").split(", "):
+                if label:
+                    summary |= {f"{label}.{k}": v for k, v in row.items() if k != "label"}
+        run.summary.update(scrub_secrets(summary))
+
+    tracker._call(log)
+    if tracker.active:
+        _say_where(run, tracker.run_dir)
+    tracker._call(run.finish, exit_code=0 if record["status"] == "ok" else 1)

@@ -12,6 +12,7 @@ from typing import Any
 
 from scaling import config as config_mod
 from scaling import records, tracking
+from scaling.placement import Placement
 from scaling.protocol import Measurement, Progress, ProtocolConfig, process_start_time
 
 
@@ -37,19 +38,6 @@ def default_run_id(cfg: dict, devices: int) -> str:
             f"_n{devices}_{stamp}_{socket.gethostname()}-{os.getpid()}")
 
 
-def pin_cpu_share(cfg: dict, local_rank: int, local_world: int) -> list[int] | None:
-    """Pin this worker to its share of the node's cores when workers share a CPU node."""
-    if local_world <= 1 or not cfg.get("pin_cpus", True) or cfg["device"] == "cuda":
-        return None
-    if cfg["device"] == "auto" and os.path.exists("/dev/nvidiactl"):
-        return None  # GPU workers: the framework's threads feed the GPU, leave them be
-    from scaling.geometry import cpu_share
-
-    cores = cpu_share(local_rank, local_world)
-    os.sched_setaffinity(0, cores)
-    return cores
-
-
 def run_conditions(cfg: dict, env: dict, pinned: list[int] | None, backend: Any) -> dict:
     """What this rank's speed depended on besides its cell: the threads in force, the CPU placement,
     the CPUs it could run on, and the evaluation work per rank (the aggregate compares them)."""
@@ -65,10 +53,18 @@ def run(cfg: dict[str, Any]) -> dict:
     Raises ConfigError before anything is loaded when the config cannot run (no record then).
     """
     config_mod.validate(cfg)
+    from scaling.workloads import parameters
+
+    cfg = {**cfg, "workload": {**cfg["workload"], "parameters": parameters(cfg["workload"])}}  # for its width
+    if cfg.get("comm"):  # a collective micro-benchmark cell (`scaling comm`), launched like any cell
+        from scaling.comm.worker import run as run_comm
+
+        return run_comm(cfg)
     process_start = process_start_time()
     rank, world, local_rank, local_world = rank_info()
-    pinned = pin_cpu_share(cfg, local_rank, local_world)
     pcfg = ProtocolConfig(**cfg["protocol"])
+    placer = Placement(cfg, local_rank, local_world, pcfg.warmup_steps)
+    pinned = placer.apply()
     group = cfg.get("group") or "runs"
     env: dict[str, Any] = {}
     metrics = None
@@ -97,6 +93,7 @@ def run(cfg: dict[str, Any]) -> dict:
         ctx = RunContext(config=cfg, dataset=dataset, geometry=plan(cfg), rank=rank, world_size=world,
                          local_rank=local_rank, local_world_size=local_world)
         backend = load_backend(cfg["backend"]["_target_"])(ctx)
+        placer.settle()  # the framework's threads exist now
         announce(phase="training")
         # a backend that starts its own processes (Lightning) knows the rank only now
         rank = getattr(backend, "rank", rank)
@@ -110,7 +107,7 @@ def run(cfg: dict[str, Any]) -> dict:
             tracker = tracking.make_tracker(cfg, run_id, group)  # None unless logger=wandb
         meter = Measurement(pcfg, global_batch=ctx.geometry.global_batch, devices=ctx.geometry.devices,
                             sync=backend.sync, device_memory_peak=backend.device_memory_peak,
-                            observers=[o for o in (progress, tracker) if o],
+                            observers=[o for o in (progress, tracker, placer) if o],
                             events=getattr(backend, "step_events", lambda: None)())
         backend.train(meter)
         metrics = meter.result(process_start)
@@ -138,6 +135,8 @@ def run(cfg: dict[str, Any]) -> dict:
             metrics["conditions"] = run_conditions(cfg, env, pinned, backend)
             if hasattr(backend, "fast_mode"):  # what the fast modes actually ran (graphs, XLA, steps per call)
                 metrics["fast_mode"] = backend.fast_mode()
+        env["settings"] = settings_of(cfg, backend)
+        env["placement"] = placer.describe()
         record = records.make_record(
             run_id=run_id or default_run_id(cfg, world),
             group=group,
@@ -157,6 +156,17 @@ def run(cfg: dict[str, Any]) -> dict:
         if tracker:
             tracker.finish(record)  # after the record is safe; never raises, bounded by finish_timeout
     return record
+
+
+def settings_of(cfg: dict, backend: Any) -> dict:
+    """The variant, the settings passed and what the library reports in force (scaling.settings)."""
+    from scaling import settings
+
+    try:
+        read_back = backend.settings_in_force() if hasattr(backend, "settings_in_force") else None
+    except Exception:  # a broken probe must not cost the record
+        read_back = None
+    return settings.described(cfg, read_back)
 
 
 def slurm_rendezvous() -> None:

@@ -34,3 +34,17 @@ def test_same_layer_shapes_and_dropout():
     k_drop = [layer.rate for layer in tf_models.build("cnn").layers if layer.__class__.__name__ == "Dropout"]
     assert t_drop == k_drop == [0.25, 0.5]
     assert [m.p for m in torch_models.build("mlp").modules() if m.__class__.__name__ == "Dropout"] == [0.2]
+
+
+@pytest.mark.parametrize("name, hidden, expected", [("mlp", 128, 101_770), ("mlp", 1024, 814_090),
+                                                    ("mlp", 4096, 3_256_330), ("cnn", 256, 2_380_938)])
+def test_hidden_width_is_the_model_size_axis_in_both_frameworks(name, hidden, expected):
+    from scaling.workloads import label, parameters
+
+    torch_models = pytest.importorskip("scaling.workloads.torch_models")
+    tf_models = pytest.importorskip("scaling.workloads.tf_models")
+    workload = {"name": name, "hidden": hidden}
+    assert parameters(workload) == expected
+    assert torch_models.parameter_count(torch_models.build(workload)) == expected
+    assert tf_models.parameter_count(tf_models.build(workload)) == expected
+    assert label(workload) == (name if hidden == 128 else f"{name}-h{hidden}")

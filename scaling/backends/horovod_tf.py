@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 
+from scaling import settings
 from scaling.backends import RunContext
 from scaling.backends import tf_common
 from scaling.data import epoch_permutation, rank_shard
@@ -29,6 +30,7 @@ class HorovodTF:
         import horovod.tensorflow as hvd
         import tensorflow as tf
 
+        settings.apply_environment(cfg)  # HOROVOD_* knobs are read at init
         hvd.init()
         tf_common.configure(cfg.get("threads"), cfg["device"])
         gpus = tf.config.list_physical_devices("GPU")
@@ -57,7 +59,7 @@ class HorovodTF:
             self.shard = tf.Variable(tf.zeros([len(ds.train_y) // g.global_batch * b], tf.int32), trainable=False)
         self.n = len(ds.train_y)
         self.steps_per_epoch = self.n // g.global_batch
-        self.model = model = tf_models.build(cfg["workload"]["name"], ds.num_classes)
+        self.model = model = tf_models.build(cfg["workload"], ds.num_classes)
         self.optimizer = optimizer = keras.optimizers.Adam(learning_rate=g.lr_at(0))
         optimizer.build(model.trainable_variables)
         hvd.broadcast_variables(_tf_vars(model.variables), root_rank=0)
@@ -131,6 +133,9 @@ class HorovodTF:
         for v in self.model.trainable_variables:
             h.update(v.numpy().tobytes())
         return [h.hexdigest()]
+
+    def settings_in_force(self) -> dict:
+        return settings.horovod_in_force()
 
     def environment(self) -> dict:
         import horovod

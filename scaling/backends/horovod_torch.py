@@ -9,6 +9,7 @@ from __future__ import annotations
 import horovod.torch as hvd
 import torch
 
+from scaling import settings
 from scaling.backends import RunContext
 from scaling.backends import torch_common as tc
 from scaling.protocol import Measurement, drive
@@ -21,6 +22,7 @@ class HorovodTorch(tc.OnTorchDevice):
 
     def __init__(self, ctx: RunContext) -> None:
         cfg = ctx.config
+        settings.apply_environment(cfg)  # HOROVOD_* knobs are read at init
         hvd.init()
         tc.configure_threads(cfg.get("threads"))
         self.ctx = ctx
@@ -35,13 +37,17 @@ class HorovodTorch(tc.OnTorchDevice):
         self.test_x, self.test_y = tc.to_device_tensors(ds.test_x, ds.test_y, self.device)
         self.global_batch, self.per_device_batch = g.global_batch, g.per_device_batch
         self.steps_per_epoch = self.x.shape[0] // g.global_batch
-        self.model = torch_models.build(cfg["workload"]["name"], ds.num_classes).to(self.device)
+        self.model = torch_models.build(cfg["workload"], ds.num_classes).to(self.device)
         optimizer = torch.optim.Adam(self.model.parameters(), lr=g.lr_at(0))
-        self.optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=self.model.named_parameters())
+        self.optimizer = self.distributed_optimizer(optimizer)
         hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
         hvd.broadcast_optimizer_state(self.optimizer, root_rank=0)
         torch.manual_seed(cfg["seed"] * 1000 + self.rank)  # dropout masks differ per rank
         self.steps = tc.ShardedSteps(self.model, self.optimizer, self.x, self.y, g, cfg["seed"], self.rank)
+
+    def distributed_optimizer(self, optimizer: torch.optim.Optimizer):
+        """Horovod's DistributedOptimizer: an all-reduce per gradient as backward produces it."""
+        return hvd.DistributedOptimizer(optimizer, named_parameters=self.model.named_parameters())
 
     def begin_epoch(self, epoch: int) -> None:
         self.steps.begin_epoch(epoch)
@@ -55,6 +61,9 @@ class HorovodTorch(tc.OnTorchDevice):
     def evaluate(self) -> tuple[float, float]:
         return tc.sharded_evaluate(self.model, self.test_x, self.test_y, self.rank, self.world,
                                    lambda t: hvd.allreduce(t.cpu(), op=hvd.Sum, name="eval_sums"))
+
+    def settings_in_force(self) -> dict:
+        return settings.horovod_in_force()
 
     def environment(self) -> dict:
         import horovod

@@ -14,6 +14,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from scaling import settings
 from scaling.backends import RunContext
 from scaling.backends import torch_common as tc
 from scaling.backends.torch_ddp import _dist_sum, process_group_backend
@@ -85,6 +86,10 @@ class ProtocolCallback(pl.Callback):
     def __init__(self, backend: "LightningDDP", meter: Measurement) -> None:
         self.backend, self.meter = backend, meter
 
+    def on_train_start(self, trainer, pl_module):
+        model = trainer.strategy.model
+        self.backend.ddp_model = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
+
     def on_train_epoch_start(self, trainer, pl_module):
         self.meter.epoch_begin(trainer.current_epoch)
 
@@ -127,7 +132,7 @@ class LightningDDP(tc.OnTorchDevice):
         self.test_x, self.test_y = tc.to_device_tensors(ds.test_x, ds.test_y, self.device)
         self.global_batch, self.per_device_batch = g.global_batch, g.per_device_batch
         self.steps_per_epoch = self.x.shape[0] // g.global_batch
-        self.model = torch_models.build(cfg["workload"]["name"], ds.num_classes)
+        self.model = torch_models.build(cfg["workload"], ds.num_classes)
         limit = cfg["train"].get("max_steps_per_epoch")
         self.loader = torch.utils.data.DataLoader(
             DeviceBatches(self.x, self.y), batch_size=None,
@@ -137,6 +142,14 @@ class LightningDDP(tc.OnTorchDevice):
 
     def evaluate(self) -> tuple[float, float]:
         return tc.sharded_evaluate(self.model, self.test_x, self.test_y, self.rank, self.world, _dist_sum)
+
+    def settings_in_force(self) -> dict:
+        """What the DistributedDataParallel Lightning built reports (after fit), else what was passed."""
+        ddp = getattr(self, "ddp_model", None)
+        if ddp is None:
+            return settings.in_force(self.ctx.config)
+        return {"bucket_cap_mb": ddp.bucket_bytes_cap / 2 ** 20, "gradient_as_bucket_view": bool(ddp.gradient_as_bucket_view),
+                "static_graph": bool(ddp.static_graph)}
 
     def environment(self) -> dict:
         env = tc.environment(self.device)
@@ -150,7 +163,8 @@ class LightningDDP(tc.OnTorchDevice):
             accelerator="gpu" if self.device.type == "cuda" else "cpu",
             devices=self.world // nodes,
             num_nodes=nodes,
-            strategy=DDPStrategy(process_group_backend=process_group_backend(self.device, cfg["backend"].get("process_group"))),
+            strategy=DDPStrategy(process_group_backend=process_group_backend(self.device, cfg["backend"].get("process_group")),
+                                 **settings.in_force(cfg)),
             max_epochs=int(cfg["train"]["epochs"]),
             logger=False,
             enable_checkpointing=False,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from scaling import settings
 from scaling.backends import RunContext
 from scaling.backends import tf_common
 from scaling.backends.tf_strategy_loop import TFStrategyLoop
@@ -23,14 +24,23 @@ class TFMultiWorker(TFStrategyLoop):
         if ctx.config["backend"].get("jit_compile") and not tf.config.list_physical_devices("GPU"):
             raise RuntimeError("tf_multiworker: jit_compile=true needs GPUs; XLA has no CPU kernel for the "
                                "collective all-reduce. Use backend.steps_per_call here")
+        tuned = settings.in_force(ctx.config)
+        implementation = str(tuned.get("implementation") or "AUTO").upper()
+        if implementation == "NCCL" and not tf.config.list_physical_devices("GPU"):
+            implementation = "RING"  # TensorFlow's own CPU fallback, made explicit in the record
         options = tf.distribute.experimental.CommunicationOptions(
-            implementation=tf.distribute.experimental.CommunicationImplementation.AUTO)
+            implementation=getattr(tf.distribute.experimental.CommunicationImplementation, implementation),
+            bytes_per_pack=int(tuned.get("bytes_per_pack") or 0))
         resolver = None
         if "TF_CONFIG" not in os.environ and "SLURM_JOB_ID" in os.environ:
             resolver = slurm_resolver(tf)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver, communication_options=options)
         self.devices = max(1, len(tf.config.list_logical_devices("GPU")))
         return strategy
+
+    def settings_in_force(self) -> dict:
+        options = self.strategy.extended._communication_options
+        return {"implementation": options.implementation.name, "bytes_per_pack": int(options.bytes_per_pack)}
 
 
 def slurm_resolver(tf):

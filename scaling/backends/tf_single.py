@@ -40,7 +40,7 @@ class TFSingleDevice:
             self.test_x, self.test_y = tf_common.to_tensors(ds.test_x, ds.test_y)
             self.perm = tf.Variable(tf.zeros([ds.train_x.shape[0]], tf.int32), trainable=False)
         self.steps_per_epoch = int(self.x.shape[0]) // b
-        self.model = tf_models.build(cfg["workload"]["name"], ds.num_classes)
+        self.model = tf_models.build(cfg["workload"], ds.num_classes)
         self.optimizer = keras.optimizers.Adam(learning_rate=ctx.geometry.lr_at(0))
         self.optimizer.build(self.model.trainable_variables)
         self.loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

@@ -54,7 +54,7 @@ class TFStrategyLoop:
         self.y = strategy.experimental_distribute_values_from_function(lambda _: tf.identity(y_host))
         self.perm = None
         with strategy.scope():
-            self.model = tf_models.build(cfg["workload"]["name"], ds.num_classes)
+            self.model = tf_models.build(cfg["workload"], ds.num_classes)
             self.optimizer = keras.optimizers.Adam(learning_rate=g.lr_at(0))
             # slot variables now, in the scope: created lazily inside the step they break the graph
             self.optimizer.build(self.model.trainable_variables)

@@ -29,7 +29,7 @@ class TFTextbook:
         self.x_train, self.y_train = ds.train_x[:n] / 255.0, ds.train_y[:n]
         self.x_test, self.y_test = ds.test_x / 255.0, ds.test_y
         self.steps_per_epoch = -(-n // self.global_batch)
-        self.model = tf_models.build(cfg["workload"]["name"], ds.num_classes)
+        self.model = tf_models.build(cfg["workload"], ds.num_classes)
         self.model.compile(
             optimizer=keras.optimizers.Adam(learning_rate=ctx.geometry.lr),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from scaling import settings
 from scaling.backends import RunContext
 from scaling.backends import torch_common as tc
 from scaling.protocol import Measurement, drive
@@ -74,29 +75,38 @@ class TorchDDP(tc.OnTorchDevice):
         self.test_x, self.test_y = tc.to_device_tensors(ds.test_x, ds.test_y, self.device)
         self.global_batch, self.per_device_batch = g.global_batch, g.per_device_batch
         self.steps_per_epoch = self.x.shape[0] // g.global_batch
-        model = torch_models.build(cfg["workload"]["name"], ds.num_classes).to(self.device)
+        model = torch_models.build(cfg["workload"], ds.num_classes).to(self.device)
         if self.fast == "compile":
             model = torch.compile(model)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.model = self._wrap(model)
-        self.optimizer = tc.make_adam(self.model.parameters(), g, self.device, graph=self.fast == "graph")
+        self.model, self.optimizer = self.parallelize(model, g.lr_at(0))
         torch.manual_seed(cfg["seed"] * 1000 + self.rank)  # dropout masks differ per rank
         # a captured DDP step needs 11 eager DDP iterations first (CUDA graphs notes, "Usage with DDP")
         self.steps = tc.fast_steps(self.fast, self.model, self.optimizer, self.x, self.y, g, cfg["seed"], self.rank,
                                    eager_steps=11)
 
-    def _wrap(self, model: torch.nn.Module) -> DDP:
+    def parallelize(self, model: torch.nn.Module, lr: float) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """DDP around the model (with the settings in force), Adam over its parameters."""
         device_ids = [self.device.index] if self.device.type == "cuda" else None
+        kwargs = settings.in_force(self.ctx.config)
         if self.fast != "graph":
-            return DDP(model, device_ids=device_ids)
+            ddp = DDP(model, device_ids=device_ids, **kwargs)
+            return ddp, torch.optim.Adam(ddp.parameters(), lr=lr)
         # for a whole-step capture DDP is built on a side stream and its graph declared static
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            wrapped = DDP(model, device_ids=device_ids, static_graph=True)
+            ddp = DDP(model, device_ids=device_ids, **{**kwargs, "static_graph": True})
         torch.cuda.current_stream(self.device).wait_stream(side)
-        return wrapped
+        return ddp, tc.make_adam(ddp.parameters(), self.geometry, self.device, graph=True)
+
+    def settings_in_force(self) -> dict:
+        """What DDP reports it runs with (bucket cap in bytes, views, static graph)."""
+        m = self.model
+        return {"bucket_cap_mb": getattr(m, "bucket_bytes_cap", 0) / 2 ** 20,
+                "gradient_as_bucket_view": bool(getattr(m, "gradient_as_bucket_view", False)),
+                "static_graph": bool(getattr(m, "static_graph", False))}
 
     def begin_epoch(self, epoch: int) -> None:
         self.steps.begin_epoch(epoch)
@@ -111,7 +121,7 @@ class TorchDDP(tc.OnTorchDevice):
         return float(value.item()) / self.world
 
     def evaluate(self) -> tuple[float, float]:
-        return tc.sharded_evaluate(self.model.module, self.test_x, self.test_y, self.rank, self.world, _dist_sum)
+        return tc.sharded_evaluate(self.digest_model, self.test_x, self.test_y, self.rank, self.world, _dist_sum)
 
     @property
     def digest_model(self) -> torch.nn.Module:

@@ -32,7 +32,7 @@ class TorchSingleDevice(tc.OnTorchDevice):
         self.x, self.y = tc.to_device_tensors(ds.train_x, ds.train_y, self.device)
         self.test_x, self.test_y = tc.to_device_tensors(ds.test_x, ds.test_y, self.device)
         self.steps_per_epoch = self.x.shape[0] // self.global_batch  # full batches only
-        self.model = torch_models.build(cfg["workload"]["name"], ds.num_classes).to(self.device)
+        self.model = torch_models.build(cfg["workload"], ds.num_classes).to(self.device)
         self.optimizer = tc.make_adam(self.model.parameters(), ctx.geometry, self.device, graph=self.fast == "graph")
         self.step_model = torch.compile(self.model) if self.fast == "compile" else self.model
         self.steps = tc.fast_steps(self.fast, self.step_model, self.optimizer, self.x, self.y, ctx.geometry, cfg["seed"])

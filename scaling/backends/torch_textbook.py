@@ -53,7 +53,7 @@ class TorchTextbook(tc.OnTorchDevice):
         )
         self.test_loader = DataLoader(ImageDataset(ds.test_x, ds.test_y), batch_size=1000)
         self.steps_per_epoch = len(self.loader)
-        self.model = torch_models.build(cfg["workload"]["name"], ds.num_classes).to(self.device)
+        self.model = torch_models.build(cfg["workload"], ds.num_classes).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=ctx.geometry.lr)
 
     def environment(self) -> dict:

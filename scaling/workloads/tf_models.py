@@ -8,16 +8,16 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from scaling.workloads import PARAMETERS
+from scaling.workloads import hidden_of, name_of, parameters
 
 
-def mlp(num_classes: int = 10) -> keras.Model:
+def mlp(num_classes: int = 10, hidden: int = 128) -> keras.Model:
     """Flatten 28x28 -> Dense 128 ReLU -> Dropout 0.2 -> Dense 10 (the Keras tutorial's MLP)."""
     return keras.Sequential(
         [
             keras.Input(shape=(28, 28)),
             layers.Flatten(),
-            layers.Dense(128, activation="relu"),
+            layers.Dense(hidden, activation="relu"),
             layers.Dropout(0.2),
             layers.Dense(num_classes),
         ],
@@ -25,7 +25,7 @@ def mlp(num_classes: int = 10) -> keras.Model:
     )
 
 
-def cnn(num_classes: int = 10) -> keras.Model:
+def cnn(num_classes: int = 10, hidden: int = 128) -> keras.Model:
     """conv 32 3x3 -> conv 64 3x3 -> maxpool 2 -> dropout 0.25 -> dense 128 -> dropout 0.5 -> dense 10."""
     return keras.Sequential(
         [
@@ -36,7 +36,7 @@ def cnn(num_classes: int = 10) -> keras.Model:
             layers.MaxPooling2D(2),
             layers.Dropout(0.25),
             layers.Flatten(),
-            layers.Dense(128, activation="relu"),
+            layers.Dense(hidden, activation="relu"),
             layers.Dropout(0.5),
             layers.Dense(num_classes),
         ],
@@ -47,11 +47,12 @@ def cnn(num_classes: int = 10) -> keras.Model:
 MODELS = {"mlp": mlp, "cnn": cnn}
 
 
-def build(name: str, num_classes: int = 10) -> keras.Model:
-    model = MODELS[name](num_classes)
+def build(workload: str | dict, num_classes: int = 10) -> keras.Model:
+    """The workload (a name, or its config with ``hidden``) as a Keras model."""
+    model = MODELS[name_of(workload)](num_classes, hidden_of(workload))
     count = parameter_count(model)
-    if num_classes == 10 and count != PARAMETERS[name]:
-        raise AssertionError(f"keras {name} has {count} parameters, expected {PARAMETERS[name]}")
+    if num_classes == 10 and count != parameters(workload):
+        raise AssertionError(f"keras {name_of(workload)} has {count} parameters, expected {parameters(workload)}")
     return model
 
 

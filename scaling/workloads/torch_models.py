@@ -8,17 +8,17 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from scaling.workloads import PARAMETERS
+from scaling.workloads import hidden_of, name_of, parameters
 
 
 class MLP(nn.Module):
     """Flatten 28x28 -> Linear 128 + ReLU -> Dropout 0.2 -> Linear 10 (the Keras tutorial's MLP)."""
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, hidden: int = 128) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(28 * 28, 128)
+        self.fc1 = nn.Linear(28 * 28, hidden)
         self.dropout = nn.Dropout(0.2)
-        self.fc2 = nn.Linear(128, num_classes)
+        self.fc2 = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(x, 1)
@@ -29,14 +29,14 @@ class MLP(nn.Module):
 class CNN(nn.Module):
     """conv 32 3x3 -> conv 64 3x3 -> maxpool 2 -> dropout 0.25 -> dense 128 -> dropout 0.5 -> dense 10."""
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, hidden: int = 128) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(1, 32, 3)
         self.conv2 = nn.Conv2d(32, 64, 3)
         self.dropout1 = nn.Dropout(0.25)
-        self.fc1 = nn.Linear(12 * 12 * 64, 128)
+        self.fc1 = nn.Linear(12 * 12 * 64, hidden)
         self.dropout2 = nn.Dropout(0.5)
-        self.fc2 = nn.Linear(128, num_classes)
+        self.fc2 = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:  # (N, 28, 28) images get their channel axis (NCHW, PyTorch's layout)
@@ -52,11 +52,12 @@ class CNN(nn.Module):
 MODELS = {"mlp": MLP, "cnn": CNN}
 
 
-def build(name: str, num_classes: int = 10) -> nn.Module:
-    model = MODELS[name](num_classes)
+def build(workload: str | dict, num_classes: int = 10) -> nn.Module:
+    """The workload (a name, or its config with ``hidden``) as a torch module."""
+    model = MODELS[name_of(workload)](num_classes, hidden_of(workload))
     count = parameter_count(model)
-    if num_classes == 10 and count != PARAMETERS[name]:
-        raise AssertionError(f"torch {name} has {count} parameters, expected {PARAMETERS[name]}")
+    if num_classes == 10 and count != parameters(workload):
+        raise AssertionError(f"torch {name_of(workload)} has {count} parameters, expected {parameters(workload)}")
     return model
 
 

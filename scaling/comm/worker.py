@@ -1,0 +1,120 @@
+"""What one worker of a ``scaling comm`` cell runs: open the backend's collective path, time the
+all-reduce at every message size, and (rank 0) write a ``kind: comm`` record and its W&B run.
+
+Launched exactly as the backend's training cells are (``launch/local.py``, srun under Slurm), with
+the same placement; the record goes to the same results store.
+"""
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from typing import Any, Callable
+
+import numpy as np
+
+from scaling import comm, records, tracking
+from scaling import worker as train_worker
+from scaling.placement import Placement
+
+
+def measure(path, cfg: dict, before_each: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Every message size's figures for this cell (the same on every rank); ``before_each`` runs
+    before each size (the placement settles threads the library started lazily)."""
+    from scaling.workloads import WORKLOADS, label
+
+    ccfg = cfg["comm"]
+    # every workload at its default width, and the cell's own workload at its width
+    workloads = {label(name): name for name in (ccfg.get("gradients") or WORKLOADS)}
+    workloads[label(cfg["workload"])] = cfg["workload"]
+    labelled = {key: path.gradient_elements(w) * comm.ELEMENT_BYTES for key, w in workloads.items()}
+    n = int(cfg["devices"]) * int(cfg["cluster"]["nodes"])
+    sizes = []
+    for nbytes, label in comm.message_sizes(ccfg, labelled):
+        iters = comm.iterations_for(ccfg, nbytes)
+        before_each()
+        mine = path.time_all_reduce(nbytes // comm.ELEMENT_BYTES, int(ccfg["warmup"]), iters)
+        table = np.zeros((path.processes, iters))
+        table[path.rank] = mine
+        table = path.exchange(table)  # every rank's times, everywhere
+        sizes.append(comm.size_result(nbytes, label, comm.slowest_rank(table.tolist()), n))
+    return {"collective": "all_reduce", "op": "sum", "dtype": "float32", "library": path.library,
+            "devices": n, "processes": path.processes, "warmup_iters": int(ccfg["warmup"]),
+            "gradient_bytes": labelled, "sizes": sizes}
+
+
+def run(cfg: dict[str, Any]) -> dict:
+    """One worker of one comm cell; returns the record (rank 0 has also written it)."""
+    from scaling.backends import RunContext
+    from scaling.geometry import plan
+
+    rank, world, local_rank, local_world = train_worker.rank_info()
+    if "SLURM_JOB_ID" in os.environ:
+        train_worker.slurm_rendezvous()
+        if cfg["backend"].get("launcher") == "horovodrun" and "HOROVOD_RANK" not in os.environ:
+            train_worker._horovod_under_srun(cfg, cfg.get("run_name"))
+    placer = Placement(cfg, local_rank, local_world)
+    pinned = placer.apply()
+    group = cfg.get("group") or "runs"
+    run_id = cfg.get("run_name") or "comm_" + train_worker.default_run_id(cfg, int(cfg["devices"]))
+    metrics, error, env, path = None, None, {}, None
+    started = time.time()
+    try:
+        from scaling.comm.paths import open_path
+
+        ctx = RunContext(config=cfg, dataset=None, geometry=plan(cfg), rank=rank, world_size=world,
+                         local_rank=local_rank, local_world_size=local_world)
+        path = open_path(ctx)
+        placer.settle()  # the library's threads exist now
+        rank = path.rank
+        train_worker.announce(phase="measuring")
+        metrics = measure(path, cfg, placer.settle)
+        metrics["wall_s"] = time.time() - started
+    except Exception as exc:  # the cell failed: record why
+        error = f"rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
+    finally:
+        if path is not None:
+            try:
+                env = path.environment()
+            except Exception:
+                env = {}
+            env["placement"] = placer.describe()
+            try:
+                path.close()
+            except Exception:
+                pass
+        env["settings"] = train_worker.settings_of(cfg, path)
+        record = records.make_record(
+            run_id=run_id, group=group, config=cfg,
+            environment=records.capture_environment(env.pop("frameworks", None), env.pop("gpu", None)) | env,
+            metrics=metrics, error=error)
+        record["environment"].update(rank=rank, world_size=world, pinned_cpus=pinned)
+        record = tracking.scrub_secrets(record)
+        train_worker._report_to_launcher(rank, record, {})
+        if rank == 0:
+            record["path"] = str(records.write_record(record, cfg["results_dir"]))
+            tracking.log_comm_run(cfg, record)  # never raises
+    return record
+
+
+def print_summary(record: dict) -> None:
+    """The cell's sizes as a table (rank 0)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    m = record["metrics"]
+    table = Table(title=f"{record['run_id']}  {record['status']}")
+    if not m:
+        table.add_column("error")
+        table.add_row((record.get("error") or "").splitlines()[0])
+        Console().print(table)
+        return
+    table.title += f"  {m['library']}, N={m['devices']}"
+    for col in ("bytes", "workload", "iters", "p50 us", "p95 us", "algbw GB/s", "busbw GB/s"):
+        table.add_column(col, justify="left" if col == "workload" else "right", no_wrap=True)
+    for s in m["sizes"]:
+        lat = s["latency_s"]
+        table.add_row(f"{s['bytes']:,}", s["label"] or "", str(s["iters"]), f"{lat['p50'] * 1e6:,.1f}",
+                      f"{lat['p95'] * 1e6:,.1f}", f"{(s['algbw_bytes_per_s'] or 0) / 1e9:.3f}",
+                      f"{(s['busbw_bytes_per_s'] or 0) / 1e9:.3f}")
+    Console().print(table)

@@ -1,0 +1,95 @@
+"""Placement (core / compute / none, the same at every N) and the defaults/tuned variant."""
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from scaling import placement, settings
+from scaling.config import ConfigError, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cfg_for(launcher="torchrun", devices=2, threads=1, mode="core", device="cpu"):
+    return {"backend": {"launcher": launcher}, "devices": devices, "threads": threads, "placement": mode,
+            "device": device}
+
+
+def test_core_gives_each_process_its_threads_in_cores_at_every_n():
+    cores = [0, 1, 2, 3]
+    assert placement.block(cfg_for(devices=1), 0, 1, cores) == [0]  # N=1 gets one core too
+    assert [placement.block(cfg_for(), r, 2, cores) for r in (0, 1)] == [[0], [1]]
+    assert placement.block(cfg_for(threads=2), 1, 2, cores) == [2, 3]
+    assert placement.block(cfg_for(launcher="process", devices=2), 0, 1, cores) == [0, 1]  # one process, 2 devices
+    assert placement.block(cfg_for(threads=None), 1, 2, cores) == [2, 3]  # no thread count: an even split
+    assert [placement.block(cfg_for(devices=3), r, 3, [0, 1]) for r in range(3)] == [[0], [1], [0]]  # round-robin
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
+def test_compute_pins_the_main_thread_and_frees_the_others():
+    node = sorted(os.sched_getaffinity(0))
+    stop = threading.Event()
+    helper = threading.Thread(target=stop.wait, daemon=True)
+    helper.start()
+    placer = placement.Placement(cfg_for(devices=1, mode="compute"), 0, 1)
+    try:
+        assert placer.apply() == [node[0]]
+        assert os.sched_getaffinity(threading.main_thread().native_id) == {node[0]}
+        assert os.sched_getaffinity(helper.native_id) == set(node)
+        d = placer.describe()
+        assert d["mode"] == "compute" and d["threads_pinned"] == 1 and d["threads_free"] >= 1
+        core = placement.Placement(cfg_for(devices=1, mode="core"), 0, 1)
+        core.apply()
+        assert os.sched_getaffinity(helper.native_id) == {node[0]}
+        assert placement.Placement(cfg_for(mode="none"), 0, 2).apply() is None
+        assert placement.Placement(cfg_for(device="cuda"), 0, 2).describe()["skipped"] == "GPU worker"
+    finally:
+        stop.set()
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), node)
+            except OSError:
+                pass
+
+
+def test_variant_selects_the_tuned_block_and_unknown_values_are_refused(mnist_cache):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from scaling.config import CONF_DIR
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        def plain(*overrides):
+            return OmegaConf.to_container(compose("config", overrides=list(overrides)), resolve=True)
+
+        ddp = plain("backend=torch_ddp")
+        assert ddp["variant"] == "defaults" and ddp["placement"] == "core" and settings.in_force(ddp) == {}
+        tuned = plain("backend=torch_ddp", "variant=tuned")
+        assert settings.in_force(tuned) == {"gradient_as_bucket_view": True, "static_graph": True, "bucket_cap_mb": 25}
+        hvd = plain("backend=horovod_torch", "variant=tuned")
+        assert float(settings.in_force(hvd)["environment"]["HOROVOD_CYCLE_TIME"]) < 1
+        assert settings.in_force(plain("backend=tf_multiworker", "variant=tuned"))["implementation"] == "RING"
+        for bad in (("variant=best",), ("placement=everywhere",)):
+            with pytest.raises(ConfigError):
+                validate(plain("backend=torch_ddp", *bad))
+
+
+@pytest.mark.multiprocess
+def test_records_list_placement_and_the_settings_in_force(tmp_path):
+    pytest.importorskip("torch")
+    proc = subprocess.run([sys.executable, "-m", "scaling", "run", f"results_dir={tmp_path}", "progress=false",
+                           "logger=none", "run_name=t", "backend=torch_ddp", "devices=2", "variant=tuned",
+                           "placement=compute", "data=synthetic", "train.epochs=1", "train.max_steps_per_epoch=30",
+                           "protocol.warmup_steps=5", "device=cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    rec = json.loads((tmp_path / "runs" / "t.json").read_text())
+    assert proc.returncode == 0 and rec["status"] == "ok", (rec["error"] or "") + proc.stderr[-2000:]
+    env = rec["environment"]
+    assert env["settings"]["variant"] == "tuned"
+    assert env["settings"]["in_force"] == {"bucket_cap_mb": 25.0, "gradient_as_bucket_view": True, "static_graph": True}
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert env["placement"]["mode"] == "compute" and len(env["placement"]["cores"]) == 1
+        assert env["placement"]["threads_pinned"] == 1 and env["placement"]["threads_free"] >= 1  # gloo's threads
