@@ -37,7 +37,7 @@ def _hydra_run() -> int:
 
     from scaling.config import CONF_DIR, ConfigError
 
-    status = {"code": 0}
+    status: dict = {"code": 0, "cells": 0, "invalid": 0, "failed": []}
     # resolvers conf/cluster/submitit.yaml uses to size a cell's allocation
     OmegaConf.register_new_resolver(
         "scaling_tasks_per_node", lambda launcher, devices: 1 if launcher in ("process", "inprocess", "tf_config", "horovodrun")
@@ -57,8 +57,11 @@ def _hydra_run() -> int:
             from scaling.sweep import run_cell
 
             record = run_cell(plain, list(hc.overrides.task), int(hc.job.num))
-            if record is not None and record["status"] != "ok":
-                status["code"] = 1
+            status["cells"] += 1
+            if record is None:
+                status["invalid"] += 1
+            elif record["status"] != "ok":
+                status["failed"].append(record["run_id"])
             return
         if plain["cluster"].get("name") == "slurm" and "SLURM_JOB_ID" not in __import__("os").environ:
             print("scaling run: cluster=slurm submits through sweeps: `scaling sweep cluster=slurm ...` "
@@ -85,6 +88,14 @@ def _hydra_run() -> int:
             status["code"] = 1
 
     task()
+    if status["cells"] and status["invalid"] == status["cells"]:
+        print(f"scaling sweep: none of the {status['cells']} cell(s) is valid (each reason is above); nothing ran",
+              file=sys.stderr)
+        return 2
+    if status["failed"]:
+        print(f"scaling sweep: {len(status['failed'])} cell(s) failed: {', '.join(status['failed'])} "
+              "(their records say why; rerunning the sweep reruns them)", file=sys.stderr)
+        return 1
     return status["code"]
 
 
@@ -94,12 +105,19 @@ def _terminate_as_interrupt(signum, frame) -> None:
 
 
 def _on_slurm(overrides: list[str]) -> bool:
+    """Whether the sweep goes to Slurm. Hydra's flags (--help, --cfg job, --info) and overrides
+    that do not compose are left to Hydra's own multirun, which answers them as `scaling run` does."""
     from hydra import compose, initialize_config_dir
 
     from scaling.config import CONF_DIR
 
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose("config", overrides=[o for o in overrides if "," not in o.split("=", 1)[-1]])
+    if any(o.startswith("-") for o in overrides):
+        return False
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+            cfg = compose("config", overrides=[o for o in overrides if "," not in o.split("=", 1)[-1]])
+    except Exception:  # a typo: Hydra names it in one line below
+        return False
     return cfg.cluster.name == "slurm"
 
 
@@ -107,9 +125,13 @@ def _slurm_sweep(overrides: list[str]) -> int:
     """One submitit multirun per allocation geometry, one after another."""
     import subprocess
 
-    from scaling.slurm import split_sweep
+    from scaling.slurm import RenderError, split_sweep
 
-    groups = split_sweep(overrides)
+    try:
+        groups = split_sweep(overrides)
+    except RenderError as exc:
+        print(f"scaling sweep: {exc}", file=sys.stderr)
+        return 2
     code = 0
     for i, group in enumerate(groups, 1):
         print(f"[sweep] allocation {i}/{len(groups)}: {' '.join(group)}", file=sys.stderr, flush=True)
@@ -136,7 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         rest = [a for a in rest if a != "--resume"]
         if "--one-geometry" not in rest and _on_slurm(rest):
             return _slurm_sweep(rest)
-        sys.argv = ["scaling sweep", "--multirun", *[a for a in rest if a != "--one-geometry"]]
+        rest = [a for a in rest if a != "--one-geometry"]
+        # Hydra's --cfg/--info/--shell-completion only inspect: they refuse to be combined with --multirun
+        inspect = any(a in ("--cfg", "-c", "--info", "-i", "--shell-completion", "-sc") or a.startswith("--info=")
+                      for a in rest)
+        sys.argv = ["scaling sweep", *([] if inspect else ["--multirun"]), *rest]
         return _hydra_run()
     if verb in ("results", "report", "predict"):
         import importlib
