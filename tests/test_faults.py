@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -133,7 +132,7 @@ def test_a_sweep_never_takes_an_old_record_without_throughput_as_done(tmp_path):
     assert finished(tmp_path, "runs", "cell") is None
 
 
-# ---- console, data, Horovod ------------------------------------------------------------------
+# ---- console, Horovod ------------------------------------------------------------------
 
 def test_error_text_with_brackets_is_printed_as_text(capsys):
     from scaling import worker
@@ -144,18 +143,6 @@ def test_error_text_with_brackets_is_printed_as_text(capsys):
     rec["config"] |= {"workload": {"name": "mlp"}, "data": {"name": "mnist"}}
     worker.print_summary(rec)
     assert "[/__w/pytorch/pytorch/third_party/gloo" in capsys.readouterr().out
-
-
-def test_a_flipped_byte_in_the_cache_fails_the_load_with_the_fix(tmp_path, mnist_cache):
-    from scaling import data
-
-    shutil.copytree(mnist_cache / "mnist", tmp_path / "mnist")
-    path = tmp_path / "mnist" / "train_x.npy"
-    raw = bytearray(path.read_bytes())
-    raw[len(raw) // 2] ^= 0x01
-    path.write_bytes(bytes(raw))
-    with pytest.raises(data.DataError, match=r"sha256 mismatch.*scaling data fetch mnist --force"):
-        data.load("mnist", cache_dir=tmp_path, log=lambda m: None)
 
 
 @pytest.mark.parametrize("module, cls", [("horovod_torch", "HorovodTorch"), ("horovod_tf", "HorovodTF")])
