@@ -6,6 +6,7 @@ module rejects values that compose but cannot run, each with the key, the value 
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ def check_results_dir(results_dir: str | Path, group: str) -> Path:
     fix = "Fix: results_dir=<a writable folder> (or $SCALING_RESULTS)"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{__import__('os').getpid()}"
+        probe = folder / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:

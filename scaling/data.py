@@ -568,7 +568,7 @@ def load(name: str, cache_dir: str | Path | None = None, fetch_missing: bool = T
             raise
         fetch(name, cache_dir, log=log)
         arrays, manifest = _open_cache(folder, name)
-    _check_sha256(folder, name, manifest)  # a flipped byte must not train silently (~0.2 s)
+    _check_sha256(folder, name, manifest)  # a flipped byte must not train silently (~0.05 s for MNIST)
     return Dataset(name=name, num_classes=NUM_CLASSES, source=f"{manifest['source']}; cache {folder}", **arrays)
 
 

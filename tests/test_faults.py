@@ -187,6 +187,17 @@ def test_sweep_without_a_valid_cell_exits_non_zero_and_leaves_no_log(tmp_path):
     assert not list(tmp_path.rglob("*.log")) and not (tmp_path / "results" / "report").exists()
 
 
+@pytest.mark.multiprocess
+def test_sweep_with_a_failed_cell_exits_1_naming_it(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = scaling("sweep", f"results_dir={tmp_path}", "sweep_id=f", "backend=torch", "device=cuda", *QUICK,
+                   cwd=tmp_path, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "1 cell(s) failed: torch-mlp-synthetic-weak-n1x1-r0" in proc.stderr
+
+
 def test_report_on_a_folder_without_records_says_so_and_writes_nothing(tmp_path):
     proc = scaling("report", str(tmp_path / "mistyped"), timeout=120)
     assert proc.returncode == 2 and "does not exist" in proc.stderr, proc.stderr[-2000:]
