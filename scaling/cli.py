@@ -93,10 +93,14 @@ def _hydra_run() -> int:
               file=sys.stderr)
         return 2
     if status["failed"]:
-        print(f"scaling sweep: {len(status['failed'])} cell(s) failed: {', '.join(status['failed'])} "
-              "(their records say why; rerunning the sweep reruns them)", file=sys.stderr)
+        _say_failed(status["failed"])
         return 1
     return status["code"]
+
+
+def _say_failed(cells: list[str]) -> None:
+    print(f"scaling sweep: {len(cells)} cell(s) failed: {', '.join(cells)} "
+          "(their records say why; rerunning the sweep reruns them)", file=sys.stderr)
 
 
 def _terminate_as_interrupt(signum, frame) -> None:
@@ -104,28 +108,30 @@ def _terminate_as_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _on_slurm(overrides: list[str]) -> bool:
-    """Whether the sweep goes to Slurm. Hydra's flags (--help, --cfg job, --info) and overrides
-    that do not compose are left to Hydra's own multirun, which answers them as `scaling run` does."""
+def _slurm_base(overrides: list[str]):
+    """The sweep's base config when it goes to Slurm, else None. Hydra's flags (--help, --cfg job,
+    --info) and overrides that do not compose are left to Hydra's own multirun, which answers them
+    as `scaling run` does."""
     from hydra import compose, initialize_config_dir
 
     from scaling.config import CONF_DIR
 
     if any(o.startswith("-") for o in overrides):
-        return False
+        return None
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
             cfg = compose("config", overrides=[o for o in overrides if "," not in o.split("=", 1)[-1]])
     except Exception:  # a typo: Hydra names it in one line below
-        return False
-    return cfg.cluster.name == "slurm"
+        return None
+    return cfg if cfg.cluster.name == "slurm" else None
 
 
-def _slurm_sweep(overrides: list[str]) -> int:
+def _slurm_sweep(overrides: list[str], base) -> int:
     """One submitit multirun per allocation geometry, one after another."""
     import subprocess
 
     from scaling.slurm import RenderError, split_sweep
+    from scaling.sweep import failed_cells
 
     try:
         groups = split_sweep(overrides)
@@ -138,6 +144,11 @@ def _slurm_sweep(overrides: list[str]) -> int:
         fixed = [o for o in overrides if o.split("=", 1)[0] not in {g.split("=", 1)[0] for g in group}]
         done = subprocess.run([sys.executable, "-m", "scaling", "sweep", "--one-geometry", *fixed, *group])
         code = code or done.returncode
+    # the cells ran in Slurm jobs, not here: their records say how they ended
+    failed = failed_cells(base.results_dir, base.sweep_id or "adhoc")
+    if failed:
+        _say_failed(failed)
+        return code or 1
     return code
 
 
@@ -156,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     if verb == "sweep":
         # a multirun; rerunning skips finished cells, so --resume is the default behaviour
         rest = [a for a in rest if a != "--resume"]
-        if "--one-geometry" not in rest and _on_slurm(rest):
-            return _slurm_sweep(rest)
+        base = None if "--one-geometry" in rest else _slurm_base(rest)
+        if base is not None:
+            return _slurm_sweep(rest, base)
         rest = [a for a in rest if a != "--one-geometry"]
         # Hydra's --cfg/--info/--shell-completion only inspect: they refuse to be combined with --multirun
         inspect = any(a in ("--cfg", "-c", "--info", "-i", "--shell-completion", "-sc") or a.startswith("--info=")

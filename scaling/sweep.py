@@ -53,6 +53,15 @@ def finished(results_dir: str | Path, group: str, run_id: str) -> dict | None:
     return record if record["status"] == "ok" and record["metrics"].get("samples_per_s") is not None else None
 
 
+def failed_cells(results_dir: str | Path, sweep_id: str) -> list[str]:
+    """The ids of the sweep's cells whose record is ``failed`` (a rerun retries exactly these)."""
+    folder = Path(results_dir) / sweep_id
+    if not folder.is_dir():
+        return []
+    return [rec["run_id"] for _, rec in records.read_records(results_dir)
+            if rec["group"] == sweep_id and rec["status"] == "failed"]
+
+
 def run_cell(cfg: dict[str, Any], task_overrides: list[str], job_num: int) -> dict | None:
     """Run one cell unless it already has an ok record. Returns its record (None if not runnable)."""
     from launch.local import launch

@@ -180,6 +180,14 @@ def test_sweep_answers_flags_and_typos_like_run(tmp_path, args, code, says):
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
+def test_only_a_composing_sweep_without_flags_goes_to_slurm():
+    from scaling.cli import _slurm_base
+
+    assert _slurm_base(["cluster=slurm", "backend=torch_ddp,tf_multiworker"]).cluster.name == "slurm"
+    for args in (["cluster=slurm", "--cfg", "job"], ["cluster=slurm", "experiment=nope"], ["backend=torch"]):
+        assert _slurm_base(args) is None
+
+
 def test_sweep_without_a_valid_cell_exits_non_zero_and_leaves_no_log(tmp_path):
     proc = scaling("sweep", f"results_dir={tmp_path / 'results'}", "sweep_id=none", "backend=torch",
                    "devices=2,3", *QUICK, cwd=tmp_path, timeout=120)
@@ -196,6 +204,17 @@ def test_sweep_with_a_failed_cell_exits_1_naming_it(tmp_path):
                    cwd=tmp_path, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "1 cell(s) failed: torch-mlp-synthetic-weak-n1x1-r0" in proc.stderr
+
+
+def test_failed_cells_are_those_with_a_failed_record(tmp_path):
+    from scaling.sweep import failed_cells
+    from test_records import _record
+
+    assert failed_cells(tmp_path, "s") == []
+    records.write_record(_record(run_id="good", group="s"), tmp_path)
+    records.write_record(_record(run_id="bad", group="s", metrics=None, error="rank 0: boom"), tmp_path)
+    records.write_record(_record(run_id="other", group="t", metrics=None, error="rank 0: boom"), tmp_path)
+    assert failed_cells(tmp_path, "s") == ["bad"]
 
 
 def test_report_on_a_folder_without_records_says_so_and_writes_nothing(tmp_path):
