@@ -17,7 +17,6 @@ Definitions (the same for weak and strong scaling; only what is held fixed diffe
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from scaling.records import SCHEMA_VERSION
+from scaling.records import SCHEMA_VERSION, loads_strict
 
 #: what identifies one aggregate cell, apart from N (the repeats are aggregated over)
 STUDY_KEYS = ["sweep", "workload", "data", "scaling", "variant"]
@@ -78,7 +77,7 @@ def load(results_dir: str | Path) -> Loaded:
     for path in paths:
         rel = path.relative_to(root)
         try:
-            record = json.loads(path.read_text())
+            record = loads_strict(path.read_text())  # no NaN or Infinity: records are strict JSON
         except (OSError, ValueError) as exc:
             out.problems.append(f"{rel}: not readable JSON ({exc.__class__.__name__}), skipped")
             continue

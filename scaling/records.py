@@ -199,11 +199,16 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def loads_strict(text: str) -> Any:
+    """``json.loads`` that refuses NaN and Infinity (ValueError), as strict parsers and W&B do."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
 def load_record(path: str | Path) -> dict:
     """One record, parsed as strict JSON (no NaN or Infinity) and checked against the schema;
     RecordError (or OSError) when it cannot be used."""
     try:
-        record = json.loads(Path(path).read_text(), parse_constant=_no_constant)
+        record = loads_strict(Path(path).read_text())
     except ValueError as exc:
         raise RecordError(f"{path}: not a JSON record ({exc})") from None
     if not isinstance(record, dict):

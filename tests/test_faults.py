@@ -120,6 +120,10 @@ def test_records_with_nan_are_refused_on_write_and_skipped_on_read(tmp_path, cap
     bad.write_text(json.dumps(rec))  # Python's json writes a bare NaN
     assert list(records.read_records(tmp_path)) == []
     assert "bad.json: skipped" in capsys.readouterr().err
+    from scaling import analysis
+
+    loaded = analysis.load(tmp_path)  # what `results show` and `report` read
+    assert loaded.records == [] and "runs/bad.json: not readable JSON (ValueError), skipped" in loaded.problems
 
 
 def test_a_sweep_never_takes_an_old_record_without_throughput_as_done(tmp_path):
