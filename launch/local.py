@@ -174,13 +174,18 @@ def launch(cfg: dict[str, Any]) -> dict:
 
     from scaling.geometry import plan
 
+    from scaling.config import check_results_dir
+
     run_id = cfg.get("run_name") or default_run_id(cfg, plan(cfg).devices)
     cfg = {**cfg, "run_name": run_id}
     group = cfg.get("group") or "runs"
     results = Path(cfg["results_dir"])
-    run_dir = results / group / f".{run_id}.run"
+    check_results_dir(results, group)  # ConfigError before any worker starts
+    run_dir = records.inside(results, group, f".{run_id}.run")
+    _clean_leftovers(results / group)
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
+    records.write_json_atomic(run_dir / "launcher.json", {"pid": os.getpid(), "host": socket.gethostname()})
     config_path = run_dir / "config.json"
     records.write_json_atomic(config_path, cfg)
     # a stale record of the same id would be mistaken for this run's
@@ -188,7 +193,7 @@ def launch(cfg: dict[str, Any]) -> dict:
 
     env = dict(os.environ, SCALING_RUN_DIR=str(run_dir), SCALING_LAUNCH_TIME=repr(time.time()),
                PYTHONUNBUFFERED="1")
-    log_path = results / group / f"{run_id}.log"
+    log_path = records.inside(results, group, f"{run_id}.log")
     procs: list[_Proc] = []
     failure: str | None = None
     with open(log_path, "w") as log:
@@ -205,17 +210,44 @@ def launch(cfg: dict[str, Any]) -> dict:
         except BaseException:
             # workers that had all finished on their own before the interrupt made a whole run
             finished = bool(procs) and all(p.popen.poll() == 0 for p in procs)
-            _stop(procs, run_dir)
-            if not finished:
-                failure = failure or "launcher interrupted"
-            _finish(cfg, run_id, group, results, run_dir, procs, failure)
+            try:  # a second interrupt while stopping must still leave no hidden folder behind
+                _stop(procs, run_dir)
+                if not finished:
+                    failure = failure or "launcher interrupted"
+                _finish(cfg, run_id, group, results, run_dir, procs, failure)
+            finally:
+                shutil.rmtree(run_dir, ignore_errors=True)
+                _drop_if_empty(log_path)
             raise
         if failure:
             _stop(procs, run_dir)
         for proc in procs:
             if proc.reader:
                 proc.reader.join(timeout=5)
-    return _finish(cfg, run_id, group, results, run_dir, procs, failure)
+    record = _finish(cfg, run_id, group, results, run_dir, procs, failure)
+    _drop_if_empty(log_path)
+    return record
+
+
+def _drop_if_empty(path: Path) -> None:
+    try:
+        if path.stat().st_size == 0:
+            path.unlink()
+    except OSError:
+        pass
+
+
+def _clean_leftovers(folder: Path) -> None:
+    """Remove the hidden run folders (and empty logs) of launchers on this host that are gone
+    (killed with SIGKILL, a lost node): nothing of a dead run stays behind."""
+    for run_dir in folder.glob(".*.run"):
+        owner = _read_json(run_dir / "launcher.json")
+        if owner is None and time.time() - run_dir.stat().st_mtime < 3600:
+            continue  # being created right now, or by an older launcher: leave it an hour
+        if owner is not None and (owner.get("host") != socket.gethostname() or _alive(owner["pid"])):
+            continue
+        shutil.rmtree(run_dir, ignore_errors=True)
+        _drop_if_empty(folder / f"{run_dir.name[1:-len('.run')]}.log")
 
 
 def _supervise(procs: list[_Proc], run_dir: Path) -> str | None:

@@ -14,7 +14,6 @@ repeats is the cell's figure, min and max its spread. Speedup, efficiency and th
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from scaling import metrics
-from scaling.records import SCHEMA_VERSION
+from scaling.records import SCHEMA_VERSION, loads_strict
 
 #: what identifies one study (the backends compared with each other)
 STUDY_KEYS = ["sweep", "workload", "workload_params", "data", "scaling", "variant", "overrides"]
@@ -80,7 +79,7 @@ def load(results_dir: str | Path) -> Loaded:
     for path in paths:
         rel = path.relative_to(root)
         try:
-            record = json.loads(path.read_text())
+            record = loads_strict(path.read_text())  # no NaN or Infinity: records are strict JSON
         except (OSError, ValueError) as exc:
             out.problems.append(f"{rel}: not readable JSON ({exc.__class__.__name__}), skipped")
             continue

@@ -41,7 +41,7 @@ def _hydra_run() -> int:
 
     from scaling.config import CONF_DIR, ConfigError
 
-    status = {"code": 0}
+    status: dict = {"code": 0, "cells": 0, "invalid": 0, "failed": []}
     from scaling.slurm import register_resolvers
 
     register_resolvers()
@@ -59,8 +59,11 @@ def _hydra_run() -> int:
             from scaling.sweep import run_cell
 
             record = run_cell(plain, list(hc.overrides.task), int(hc.job.num))
-            if record is not None and record["status"] != "ok":
-                status["code"] = 1
+            status["cells"] += 1
+            if record is None:
+                status["invalid"] += 1
+            elif record["status"] != "ok":
+                status["failed"].append(record["run_id"])
             return
         if plain["cluster"].get("name") == "slurm" and "SLURM_JOB_ID" not in __import__("os").environ:
             print("scaling run: cluster=slurm submits through sweeps: `scaling sweep cluster=slurm ...` "
@@ -92,6 +95,13 @@ def _hydra_run() -> int:
             status["code"] = 1
 
     task()
+    if status["cells"] and status["invalid"] == status["cells"]:
+        print(f"scaling sweep: none of the {status['cells']} cell(s) is valid (each reason is above); nothing ran",
+              file=sys.stderr)
+        return 2
+    if status["failed"]:
+        _say_failed(status["failed"])
+        return 1
     return status["code"]
 
 
@@ -100,16 +110,29 @@ def _terminate_as_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _on_slurm(overrides: list[str]) -> bool:
+def _say_failed(cells: list[str]) -> None:
+    print(f"scaling sweep: {len(cells)} cell(s) failed: {', '.join(cells)} "
+          "(their records say why; rerunning the sweep reruns them)", file=sys.stderr)
+
+
+def _slurm_base(overrides: list[str]):
+    """The sweep's base config when it goes to Slurm, else None. Hydra's flags (--help, --cfg job,
+    --info) and overrides that do not compose are left to Hydra's own multirun, which answers them
+    as `scaling run` does."""
     from hydra import compose, initialize_config_dir
 
     from scaling.config import CONF_DIR
     from scaling.slurm import register_resolvers
 
+    if any(o.startswith("-") for o in overrides):
+        return None
     register_resolvers()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose("config", overrides=[o for o in overrides if "," not in o.split("=", 1)[-1]])
-    return cfg.cluster.name == "slurm"
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+            cfg = compose("config", overrides=[o for o in overrides if "," not in o.split("=", 1)[-1]])
+    except Exception:  # a typo: Hydra names it in one line below
+        return None
+    return cfg if cfg.cluster.name == "slurm" else None
 
 
 def _slurm_sweep(overrides: list[str], wait: bool = False) -> int:
@@ -124,9 +147,13 @@ def _slurm_sweep(overrides: list[str], wait: bool = False) -> int:
     import os
     import subprocess
 
-    from scaling.slurm import queued_jobs, split_sweep, sweep_config
+    from scaling.slurm import RenderError, queued_jobs, split_sweep, sweep_config
 
-    groups = split_sweep(overrides)
+    try:
+        groups = split_sweep(overrides)
+    except RenderError as exc:
+        print(f"scaling sweep: {exc}", file=sys.stderr)
+        return 2
     if not groups:
         print("[sweep] no valid cell to submit", file=sys.stderr)
         return 2
@@ -157,12 +184,18 @@ def _slurm_sweep(overrides: list[str], wait: bool = False) -> int:
             code = code or proc.wait()
         from scaling.sweep import build_dashboard, summary_table
 
+        from scaling.sweep import failed_cells
+
         summary_table(results_dir, sweep_id)
         build_dashboard(results_dir)
         if (cfg.get("logger") or {}).get("name") == "wandb":
             from scaling.tracking import log_sweep_summary
 
             log_sweep_summary(cfg, sweep_id)  # never raises
+        failed = failed_cells(results_dir, sweep_id)  # the cells ran in Slurm jobs: their records say how
+        if failed:
+            _say_failed(failed)
+            return code or 1
         return code
     return _report_submissions(drivers, results_dir, sweep_id)
 
@@ -243,9 +276,13 @@ def main(argv: list[str] | None = None) -> int:
         # a multirun; rerunning skips finished cells, so --resume is the default behaviour
         wait = "--wait" in rest
         rest = [a for a in rest if a not in ("--resume", "--wait")]
-        if "--one-geometry" not in rest and _on_slurm(rest):
+        if "--one-geometry" not in rest and _slurm_base(rest) is not None:
             return _slurm_sweep(rest, wait=wait)
-        sys.argv = ["scaling sweep", "--multirun", *[a for a in rest if a != "--one-geometry"]]
+        rest = [a for a in rest if a != "--one-geometry"]
+        # Hydra's --cfg/--info/--shell-completion only inspect: they refuse to be combined with --multirun
+        inspect = any(a in ("--cfg", "-c", "--info", "-i", "--shell-completion", "-sc") or a.startswith("--info=")
+                      for a in rest)
+        sys.argv = ["scaling sweep", *([] if inspect else ["--multirun"]), *rest]
         return _hydra_run()
     if verb == "comm":
         from scaling.comm.cli import comm_command

@@ -5,6 +5,9 @@ module rejects values that compose but cannot run, each with the key, the value 
 """
 from __future__ import annotations
 
+import math
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,38 @@ def _positive_int(cfg: dict, dotted: str, allow_none: bool = False) -> None:
         raise ConfigError(f"{dotted}={value!r}: must be a positive integer. Fix: override it, e.g. {dotted}=64")
 
 
+#: what a run, group or sweep name may hold: it becomes a file name under results_dir
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*")
+#: longest name: "<name>.json" and the temp files beside it stay under the 255-byte file name limit
+NAME_MAX = 200
+
+
+def _name(cfg: dict, key: str) -> None:
+    value = cfg.get(key)
+    if value is None and key != "group":
+        return
+    text = str(value)
+    if not NAME_RE.fullmatch(text) or len(text) > NAME_MAX:
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        raise ConfigError(f"{key}={shown!r} ({len(text)} characters): a name must be 1-{NAME_MAX} letters, digits "
+                          f"or _ . = + - (no path: it names a file under results_dir). Fix: e.g. {key}=my-run-1")
+
+
+def check_results_dir(results_dir: str | Path, group: str) -> Path:
+    """Make ``<results_dir>/<group>`` and prove it writable, before anything trains."""
+    folder = Path(results_dir) / group
+    fix = "Fix: results_dir=<a writable folder> (or $SCALING_RESULTS)"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"results_dir={str(results_dir)!r}: cannot write records in {folder} "
+                          f"({exc.strerror or type(exc).__name__}). {fix}") from None
+    return folder
+
+
 def validate(cfg: dict) -> None:
     """Raise ConfigError for the first value that cannot run. ``cfg`` is the resolved config as a dict."""
     for group in ("backend", "workload", "data"):
@@ -48,8 +83,10 @@ def validate(cfg: dict) -> None:
     _positive_int(cfg, "train.epochs")
     _positive_int(cfg, "train.max_steps_per_epoch", allow_none=True)
     _positive_int(cfg, "threads", allow_none=True)
+    for key in ("run_name", "group", "sweep_id"):
+        _name(cfg, key)
     lr = cfg["train"].get("lr")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
         raise ConfigError(f"train.lr={lr!r}: must be a positive number. Fix: e.g. train.lr=1e-3")
     warmup = cfg["protocol"].get("warmup_steps")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -71,7 +108,7 @@ def validate(cfg: dict) -> None:
                           f"Fix: devices=1, or a distributed backend ({', '.join(b for b in available('backend') if '_' in b and 'textbook' not in b)})")
 
     try:
-        plan(cfg)
+        geometry = plan(cfg)
     except GeometryError as exc:
         raise ConfigError(str(exc)) from None
     from scaling.settings import VARIANTS
@@ -82,6 +119,7 @@ def validate(cfg: dict) -> None:
 
     if (cfg.get("placement") or "core") not in PLACEMENTS:
         raise ConfigError(f"placement={cfg.get('placement')!r}: must be one of {', '.join(PLACEMENTS)}")
+    _trains_and_measures(cfg, geometry.global_batch, warmup)
     if cfg.get("device") not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device={cfg.get('device')!r}: must be auto, cpu or cuda")
     _check_fast_mode(cfg)
@@ -101,3 +139,22 @@ def _check_fast_mode(cfg: dict) -> None:
     if fast == "graph" and cfg.get("device") == "cpu":
         raise ConfigError("backend.fast=graph captures the step as a CUDA graph and needs a GPU, not device=cpu. "
                           "Fix: device=cuda (or auto) on a GPU node, or backend.fast=none|compile")
+
+
+def _trains_and_measures(cfg: dict, global_batch: int, warmup: int) -> None:
+    """An epoch holds at least one global batch, and the run has a timed step after the warm-up."""
+    from scaling.data import SPLIT_SIZES
+
+    train_size = SPLIT_SIZES["train"]
+    if global_batch > train_size:
+        raise ConfigError(f"global batch {global_batch:,} is larger than the {train_size:,} training images: an epoch "
+                          f"would hold no step. Fix: a smaller train.per_device_batch (or train.global_batch), "
+                          f"at most {train_size:,} samples over all devices")
+    per_epoch = train_size // global_batch
+    limit = cfg["train"].get("max_steps_per_epoch")
+    steps = min(per_epoch, limit) if limit else per_epoch
+    total = steps * int(cfg["train"]["epochs"])
+    if total <= warmup:
+        raise ConfigError(f"the run trains {total} step(s) ({cfg['train']['epochs']} epoch(s) x {steps}), not more than "
+                          f"protocol.warmup_steps={warmup}: no step would be timed. Fix: train.max_steps_per_epoch>="
+                          f"{warmup // int(cfg['train']['epochs']) + 1}, more train.epochs, or a smaller protocol.warmup_steps")

@@ -157,6 +157,8 @@ class Measurement:
         self.train_loss: list[tuple[int, float]] = []  # (step, loss) every log_every steps
         self.time_to_accuracy: float | None = None
         self.epoch_reaching_target: int | None = None
+        #: (step, what) of the first loss that was not finite: the run diverged there
+        self.diverged: tuple[int, str] | None = None
 
         self._train_start: float | None = None
         self._epoch_start: float | None = None
@@ -248,7 +250,12 @@ class Measurement:
         every = self.config.log_every
         return every > 0 and self.steps_done // every > steps_before // every
 
+    def _check_finite(self, value: float, what: str) -> None:
+        if self.diverged is None and not math.isfinite(value):
+            self.diverged = (self.steps_done, f"{what} {value}")
+
     def record_loss(self, loss: float) -> None:
+        self._check_finite(float(loss), "train loss")
         self.train_loss.append((self.steps_done, float(loss)))
         for o in self._observers:
             o.logged(self.steps_done, {"train_loss": float(loss)})
@@ -265,6 +272,7 @@ class Measurement:
     def evaluated(self, epoch: int, loss: float, accuracy: float, eval_seconds: float) -> None:
         """Record the test-set result after ``epoch``; call once the evaluation has finished."""
         now = self._clock()
+        self._check_finite(float(loss), "test loss")
         self.eval_times.append(eval_seconds)
         self.loss_per_epoch.append(float(loss))
         self.accuracy_per_epoch.append(float(accuracy))

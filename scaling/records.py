@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import math
 import os
 import platform
 import socket
@@ -84,6 +85,7 @@ RECORD_SCHEMA: dict[str, Any] = {
                         "step_time_s": _STATS,
                         "epoch_time_s": {"type": "array", "items": {"type": "number"}},
                         "startup_s": _NUMBER_OR_NULL,
+                        "tracker_start_s": {"type": "number", "minimum": 0},
                         "time_to_accuracy_s": _NUMBER_OR_NULL,
                         "target_accuracy": {"type": "number"},
                         "final_test_accuracy": _NUMBER_OR_NULL,
@@ -113,6 +115,10 @@ def validate(record: dict) -> None:
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "<root>"
         raise RecordError(f"record {record.get('run_id', '?')}: {where}: {exc.message}") from None
+    bad = nonfinite(record)
+    if bad:
+        raise RecordError(f"record {record.get('run_id', '?')}: {bad} is {_at(record, bad)}: records are strict JSON "
+                          "(no NaN or Infinity)")
     if record["status"] == "ok" and record["metrics"] is None:
         raise RecordError(f"record {record['run_id']}: status ok but no metrics")
     if record["status"] == "failed" and not record["error"]:
@@ -124,6 +130,29 @@ def validate(record: dict) -> None:
 def kind(record: dict) -> str:
     """What the record measures (records written before kinds existed are training runs)."""
     return record.get("kind") or "train"
+
+
+def nonfinite(body: Any, where: str = "") -> str | None:
+    """The dotted path of the first NaN or infinite number in ``body``, or None."""
+    if isinstance(body, float) and not math.isfinite(body):
+        return where or "<root>"
+    if isinstance(body, dict):
+        items = body.items()
+    elif isinstance(body, (list, tuple)):
+        items = enumerate(body)
+    else:
+        return None
+    for key, value in items:
+        found = nonfinite(value, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
+def _at(body: Any, dotted: str) -> Any:
+    for key in dotted.split("."):
+        body = body[int(key)] if isinstance(body, (list, tuple)) else body[key]
+    return body
 
 
 def make_record(
@@ -145,8 +174,17 @@ def make_record(
     }
 
 
+def inside(results_dir: str | Path, *parts: str) -> Path:
+    """``results_dir/parts...``, refused (RecordError) unless it lies inside results_dir."""
+    root = Path(results_dir).resolve()
+    path = root.joinpath(*parts).resolve()
+    if path == root or root not in path.parents:
+        raise RecordError(f"{'/'.join(parts)!r}: would be written outside the results folder {root}")
+    return Path(results_dir).joinpath(*parts)
+
+
 def record_path(results_dir: str | Path, group: str, run_id: str) -> Path:
-    return Path(results_dir) / group / f"{run_id}.json"
+    return inside(results_dir, group, f"{run_id}.json")
 
 
 def write_record(record: dict, results_dir: str | Path) -> Path:
@@ -167,7 +205,7 @@ def write_json_atomic(path: Path, body: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(body, fh, indent=1, sort_keys=False, default=_json_default)
+            json.dump(body, fh, indent=1, sort_keys=False, default=_json_default, allow_nan=False)
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -190,13 +228,40 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads_strict(text: str) -> Any:
+    """``json.loads`` that refuses NaN and Infinity (ValueError), as strict parsers and W&B do."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
+def load_record(path: str | Path) -> dict:
+    """One record, parsed as strict JSON (no NaN or Infinity) and checked against the schema;
+    RecordError (or OSError) when it cannot be used."""
+    try:
+        record = loads_strict(Path(path).read_text())
+    except ValueError as exc:
+        raise RecordError(f"{path}: not a JSON record ({exc})") from None
+    if not isinstance(record, dict):
+        raise RecordError(f"{path}: not a record (a JSON {type(record).__name__})")
+    validate(record)
+    return record
+
+
 def read_records(results_dir: str | Path) -> Iterator[tuple[Path, dict]]:
-    """Every record under ``results_dir`` (temp files skipped), in path order."""
+    """Every valid record under ``results_dir`` (temp files skipped), in path order; a file that
+    is no valid record is skipped with a note on stderr."""
     for path in sorted(Path(results_dir).glob("*/*.json")):
         if path.name.startswith("."):
             continue
-        with path.open() as fh:
-            yield path, json.load(fh)
+        try:
+            record = load_record(path)
+        except (OSError, RecordError) as exc:
+            print(f"note: {path}: skipped ({exc})", file=sys.stderr)
+            continue
+        yield path, record
 
 
 # -- environment ------------------------------------------------------------------------------

@@ -636,6 +636,11 @@ def report_command(argv: list[str]) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
+    found = analysis.load(args.results_dir)
+    if not found.records:  # a mistyped folder: say so, and write no empty dashboard
+        for problem in found.problems or [f"no records in {args.results_dir}"]:
+            print(f"scaling report: error: {problem}", file=sys.stderr)
+        return 2
     try:
         rep = build(args.results_dir, args.out, png=not args.no_png, bootstrap=args.bootstrap)
     except OSError as exc:

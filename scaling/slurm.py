@@ -35,6 +35,19 @@ def tasks_for(launcher: str, devices: int) -> int:
     return 1 if launcher in PER_NODE else int(devices)
 
 
+def unrunnable(cfg: dict) -> str | None:
+    """Why a cell's Slurm geometry cannot run (with what would), or None."""
+    backend, devices = cfg["backend"]["name"], int(cfg["devices"])
+    cpu_nodes = not cfg["cluster"].get("gpus", True) or cfg.get("device") == "cpu"
+    if backend == "tf_multiworker" and cpu_nodes and devices > 1:
+        nodes = int(cfg["cluster"].get("nodes", 1))
+        return (f"backend=tf_multiworker devices={devices} on CPUs (cluster.gpus=false or device=cpu): one task per node, "
+                f"and on a CPU node that task holds one CPU device, not {devices}. What runs: devices=1 "
+                f"cluster.nodes={nodes * devices} (one worker per node), cluster.gpus=true on GPU nodes, or "
+                f"backend=torch_ddp or horovod_torch for {devices} CPU workers per node")
+    return None
+
+
 def tasks_per_node(cfg: dict) -> int:
     return tasks_for(cfg["backend"].get("launcher"), cfg["devices"])
 
@@ -188,6 +201,9 @@ def render_command(argv: list[str]) -> int:
         except ConfigError as exc:
             print(f"skipped {combo}: {exc}", file=sys.stderr)
             continue
+        if unrunnable(cfg):
+            print(f"skipped {combo}: {unrunnable(cfg)}", file=sys.stderr)
+            continue
         cfg["group"] = cfg.get("sweep_id") or "adhoc"
         try:
             path = render_cell(cfg, cell_id(cfg, combo), Path(args.out))
@@ -221,17 +237,28 @@ def split_sweep(overrides: list[str]) -> list[list[str]]:
     allocations go to different multiruns. A geometry is fixed by (backend class, devices, nodes),
     so each group is again a product of axis values: the overrides returned list, per axis, the
     values the group's cells use, in the sweep's order (repeat stays first, repeats interleave).
+    A cell whose geometry the backend cannot run refuses the whole sweep (RenderError) before
+    anything is submitted.
     """
     from scaling.config import ConfigError, validate
 
     groups: dict[tuple[int, int, int, int], list[list[str]]] = {}
+    refused: list[str] = []
     for cfg, combo in expand(overrides):
         try:
             validate(cfg)
         except ConfigError as exc:
             print(f"[sweep] skipped {' '.join(combo)}: {exc}", file=sys.stderr)
             continue
+        if unrunnable(cfg):
+            refused.append(unrunnable(cfg))
+            continue
         groups.setdefault(geometry(cfg), []).append(combo)
+    if refused:
+        raise RenderError(f"{len(refused)} cell(s) cannot run on this allocation, nothing submitted: "
+                          + "; ".join(dict.fromkeys(refused)))
+    if not groups:
+        raise RenderError("no valid cell (each reason is above), nothing submitted")
     runs = []
     for (nodes, tasks, gpus, cpus), combos in groups.items():
         axes: dict[str, list[str]] = {}

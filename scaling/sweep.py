@@ -11,7 +11,6 @@ down, and an interrupted cell leaves a ``failed`` record, never half of one.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import sys
@@ -48,19 +47,27 @@ def _bookkeeping(key: str) -> bool:
 
 def finished(results_dir: str | Path, group: str, run_id: str) -> dict | None:
     """The cell's record if it finished ok (a damaged or failed record does not count)."""
-    path = records.record_path(results_dir, group, run_id)
     try:
-        record = json.loads(path.read_text())
-        records.validate(record)
+        record = records.load_record(records.record_path(results_dir, group, run_id))
     except (OSError, ValueError, records.RecordError):
         return None
-    return record if record["status"] == "ok" else None
+    # an older record that measured nothing (no throughput) is no finished cell either
+    return record if record["status"] == "ok" and record["metrics"].get("samples_per_s") is not None else None
+
+
+def failed_cells(results_dir: str | Path, sweep_id: str) -> list[str]:
+    """The ids of the sweep's cells whose record is ``failed`` (a rerun retries exactly these)."""
+    folder = Path(results_dir) / sweep_id
+    if not folder.is_dir():
+        return []
+    return [rec["run_id"] for _, rec in records.read_records(results_dir)
+            if rec["group"] == sweep_id and rec["status"] == "failed"]
 
 
 def run_cell(cfg: dict[str, Any], task_overrides: list[str], job_num: int) -> dict | None:
     """Run one cell unless it already has an ok record. Returns its record (None if not runnable)."""
     from launch.local import launch
-    from scaling.config import ConfigError, validate
+    from scaling.config import ConfigError, check_results_dir, validate
 
     sweep_id = cfg.get("sweep_id") or "adhoc"
     run_id = cell_id(cfg, task_overrides)
@@ -68,6 +75,7 @@ def run_cell(cfg: dict[str, Any], task_overrides: list[str], job_num: int) -> di
     tag = f"[sweep {sweep_id}] cell {job_num + 1} {run_id}"
     try:
         validate(cfg)
+        check_results_dir(cfg["results_dir"], sweep_id)
     except ConfigError as exc:
         print(f"{tag}: not a valid cell, skipped ({exc})", file=sys.stderr, flush=True)
         return None
@@ -147,6 +155,8 @@ def summary_table(results_dir: str | Path, sweep_id: str) -> None:
 
 def build_dashboard(results_dir: str | Path) -> None:
     """The local dashboard of everything under results_dir, at <results_dir>/report/index.html."""
+    if not any(Path(results_dir).glob("*/*.json")):
+        return  # nothing recorded: no empty dashboard
     try:
         from scaling.report import build
 

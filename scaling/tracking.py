@@ -101,7 +101,7 @@ def _init(lcfg: dict, mode: str, results_dir: str | Path, **kwargs: Any):
     import wandb
 
     settings = wandb.Settings(
-        init_timeout=float(lcfg.get("init_timeout", 30)),
+        init_timeout=float(lcfg.get("init_timeout", 10)),
         finish_timeout=float(lcfg.get("finish_timeout", 60)),
         console="off",  # the launcher keeps the run's log; W&B need not wrap stdout
         silent=True,  # one line of ours instead (make_tracker, start_run's warnings)

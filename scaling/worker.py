@@ -62,6 +62,8 @@ def run(cfg: dict[str, Any]) -> dict:
         return run_comm(cfg)
     process_start = process_start_time()
     rank, world, local_rank, local_world = rank_info()
+    if rank == 0:  # a record that cannot be written must stop the run before it trains, not after
+        config_mod.check_results_dir(cfg["results_dir"], cfg.get("group") or "runs")
     pcfg = ProtocolConfig(**cfg["protocol"])
     placer = Placement(cfg, local_rank, local_world, pcfg.warmup_steps)
     pinned = placer.apply()
@@ -103,8 +105,11 @@ def run(cfg: dict[str, Any]) -> dict:
             limit = cfg["train"].get("max_steps_per_epoch")
             steps = min(steps, limit) if limit else steps
             progress = Progress(steps * int(cfg["train"]["epochs"]), run_id, every=pcfg.log_every)
+        tracker_start_s = None
         if rank == 0:
+            t0 = time.time()
             tracker = tracking.make_tracker(cfg, run_id, group)  # None unless logger=wandb
+            tracker_start_s = time.time() - t0 if tracker else None
         meter = Measurement(pcfg, global_batch=ctx.geometry.global_batch, devices=ctx.geometry.devices,
                             sync=backend.sync, device_memory_peak=backend.device_memory_peak,
                             observers=[o for o in (progress, tracker, placer) if o],
@@ -114,8 +119,15 @@ def run(cfg: dict[str, Any]) -> dict:
         metrics["steps_per_epoch"] = backend.steps_per_epoch
         metrics["per_device_batch"] = ctx.geometry.per_device_batch
         metrics["lr"] = ctx.geometry.lr
+        if tracker_start_s is not None and metrics["startup_s"] is not None:
+            # W&B's start (bounded by logger.init_timeout) is the tracker's, not the framework's
+            metrics["startup_s"] -= tracker_start_s
+            metrics["tracker_start_s"] = tracker_start_s
         digest = getattr(backend, "param_digests", None)
         rank_summary["param_digests"] = digest() if digest else None
+        error = _not_measured(meter, metrics, rank)
+        if error:
+            metrics = None  # the figures of a diverged or unmeasured run are not results
     except Interrupted as exc:
         error = f"rank {rank}: {exc}"
     except KeyboardInterrupt:
@@ -129,7 +141,9 @@ def run(cfg: dict[str, Any]) -> dict:
         if backend is not None:
             try:
                 env = backend.environment()
-            except Exception:  # a broken probe must not cost the record
+            except Exception as exc:  # a broken probe must not cost the record, but is said
+                _log(f"[worker] rank {rank}: environment probe failed ({type(exc).__name__}: {exc}); "
+                     "the record has no framework versions")
                 env = {}
         if metrics is not None:
             metrics["conditions"] = run_conditions(cfg, env, pinned, backend)
@@ -167,6 +181,20 @@ def settings_of(cfg: dict, backend: Any) -> dict:
     except Exception:  # a broken probe must not cost the record
         read_back = None
     return settings.described(cfg, read_back)
+
+
+def _not_measured(meter: Measurement, metrics: dict, rank: int) -> str | None:
+    """Why a run that finished training is no result (diverged, nothing timed), or None."""
+    if meter.diverged:
+        step, what = meter.diverged
+        return f"rank {rank}: diverged at step {step} ({what})"
+    if not metrics["timed_steps"] or metrics["samples_per_s"] is None:
+        return (f"rank {rank}: no timed step after the {meter.config.warmup_steps} warm-up steps "
+                f"({metrics['steps']} steps trained): nothing measured")
+    bad = records.nonfinite(metrics)
+    if bad:
+        return f"rank {rank}: {bad} is not a finite number"
+    return None
 
 
 def slurm_rendezvous() -> None:
@@ -285,14 +313,16 @@ def print_summary(record: dict) -> None:
     """A short table of the run's figures (rank 0)."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     cfg, m = record["config"], record["metrics"]
-    title = f"{record['run_id']}  [{'green' if record['status'] == 'ok' else 'red'}]{record['status']}[/]"
+    # texts from outside (ids, error messages with "[/path]" in them) are plain text, never markup
+    title = Text(f"{record['run_id']}  ").append(record["status"], style="green" if record["status"] == "ok" else "red")
     table = Table(title=title, show_header=True)
     table.add_column("figure")
     table.add_column("value", justify="right")
-    table.add_row("backend / workload / data", f"{cfg['backend']['name']} / {cfg['workload']['name']} / {cfg['data']['name']}")
+    table.add_row("backend / workload / data", Text(f"{cfg['backend']['name']} / {cfg['workload']['name']} / {cfg['data']['name']}"))
     if m:
         st = m["step_time_s"]
         rows = [
@@ -313,9 +343,9 @@ def print_summary(record: dict) -> None:
         for row in rows:
             table.add_row(*row)
     if record.get("error"):
-        table.add_row("error", record["error"].splitlines()[0])
+        table.add_row("error", Text(record["error"].splitlines()[0]))
     if record.get("path"):
-        table.add_row("record", record["path"])
+        table.add_row("record", Text(record["path"]))
     console.print(table)
 
 

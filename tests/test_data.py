@@ -149,7 +149,8 @@ def test_truncated_cache_file_names_the_file(mnist_copy):
 def test_tampered_cache_file_fails_verify_and_force_rebuilds(mnist_copy, mnist_idx_dir, monkeypatch):
     path = mnist_copy / "mnist" / "train_x.npy"
     _flip_byte(path, path.stat().st_size - 5000)
-    data.load("mnist", mnist_copy, fetch_missing=False)  # load only does the cheap checks
+    with pytest.raises(DataError, match=r"sha256 mismatch.*Fix: run `scaling data fetch mnist --force`"):
+        data.load("mnist", mnist_copy, fetch_missing=False)  # a run never trains on a changed cache
     with pytest.raises(DataError) as err:
         data.verify("mnist", mnist_copy)
     assert str(path) in str(err.value) and "sha256 mismatch" in str(err.value)

@@ -106,9 +106,13 @@ def test_report_says_what_is_missing(tmp_path, case, capsys):
         (results / "s" / "tf.json").write_text(json.dumps(rec))
         expect = ["failed run local_cpu/tf-mlp-mnist-weak-n1x1-r0: RuntimeError: out of memory", "no successful runs"]
     out = tmp_path / "out"
-    assert report_command([str(results), "--out", str(out), "--no-png", "--bootstrap", "20"]) == 0
+    code = report_command([str(results), "--out", str(out), "--no-png", "--bootstrap", "20"])
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err
+    if case in ("empty", "missing"):  # nothing to report: said, non-zero, no empty dashboard written
+        assert code == 2 and expect[0] in captured.err and not out.exists()
+        return
+    assert code == 0
     text = (out / "index.html").read_text()
     if case != "failed_only":
         assert "What is missing or was skipped" in text

@@ -142,7 +142,7 @@ class HorovodTF:
 
         env = tf_common.environment()
         env["frameworks"]["horovod"] = horovod.__version__
-        env["horovod"] = {"gloo": self.hvd.gloo_built(), "nccl": bool(self.hvd.nccl_built()), "size": self.hvd.size()}
+        env["horovod"] = {"gloo": self.hvd.gloo_built(), "nccl": bool(self.hvd.nccl_built()), "size": self.world}
         return env
 
     def train(self, meter: Measurement) -> None:

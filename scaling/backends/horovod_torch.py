@@ -70,7 +70,7 @@ class HorovodTorch(tc.OnTorchDevice):
 
         env = tc.environment(self.device)
         env["frameworks"]["horovod"] = horovod.__version__
-        env["horovod"] = {"gloo": hvd.gloo_built(), "nccl": bool(hvd.nccl_built()), "size": hvd.size()}
+        env["horovod"] = {"gloo": hvd.gloo_built(), "nccl": bool(hvd.nccl_built()), "size": self.world}
         return env
 
     def train(self, meter: Measurement) -> None:
