@@ -72,7 +72,8 @@ def run_cell(cfg: dict[str, Any], task_overrides: list[str], job_num: int) -> di
     sweep_id = cfg.get("sweep_id") or "adhoc"
     run_id = cell_id(cfg, task_overrides)
     cfg = {**cfg, "group": sweep_id, "run_name": run_id, "progress": False}
-    tag = f"[sweep {sweep_id}] cell {job_num + 1} {run_id}"
+    total = f"/{PROGRESS['cells']}" if PROGRESS.get("cells") else ""
+    tag = f"[sweep {sweep_id}] cell {job_num + 1}{total} {run_id}"
     try:
         validate(cfg)
         check_results_dir(cfg["results_dir"], sweep_id)
@@ -91,11 +92,45 @@ def run_cell(cfg: dict[str, Any], task_overrides: list[str], job_num: int) -> di
     t0 = time.monotonic()
     record = launch(cfg)
     took = time.monotonic() - t0
+    clock = _elapsed_and_eta(job_num + 1)
     if record["status"] == "ok":
-        print(f"{tag}: ok, {headline(record)} ({took:.1f} s)", file=sys.stderr, flush=True)
+        print(f"{tag}: ok, {headline(record)} ({took:.1f} s){clock}", file=sys.stderr, flush=True)
     else:
-        print(f"{tag}: FAILED ({took:.1f} s): {record['error'].splitlines()[0]}", file=sys.stderr, flush=True)
+        print(f"{tag}: FAILED ({took:.1f} s): {record['error'].splitlines()[0]}{clock}", file=sys.stderr, flush=True)
     return record
+
+
+#: the running sweep's size and start (set when Hydra starts the multirun, in the driver process)
+PROGRESS: dict[str, float] = {}
+
+
+def _elapsed_and_eta(done: int) -> str:
+    """`` | 3:05 elapsed, ~7:40 left`` from the cells done so far (skipped ones are quick, so the
+    estimate errs long early on), or nothing outside a local sweep."""
+    if not PROGRESS.get("cells"):
+        return ""
+    elapsed = time.monotonic() - PROGRESS["start"]
+    left = elapsed / max(done, 1) * max(PROGRESS["cells"] - done, 0)
+    return f" | {_mmss(elapsed)} elapsed, ~{_mmss(left)} left"
+
+
+def _mmss(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds + 0.5), 60)
+    return f"{minutes}:{secs:02d}"
+
+
+def count_cells(params: dict[str, str], overrides: list[str]) -> int:
+    """How many cells a multirun makes: the product of every swept axis (an experiment's
+    ``hydra.sweeper.params``, which command-line overrides of the same key replace)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    axes = {k: f"{k}={v}" for k, v in params.items()}
+    axes.update({o.split("=", 1)[0]: o for o in overrides if "=" in o})
+    total = 1
+    for parsed in OverridesParser.create().parse_overrides(list(axes.values())):
+        if parsed.is_sweep_override():
+            total *= len(list(parsed.sweep_string_iterator()))
+    return total
 
 
 def headline(record: dict) -> str:
@@ -133,24 +168,42 @@ def _run_in_slurm_task(cfg: dict, tag: str) -> dict | None:
 
 
 def summary_table(results_dir: str | Path, sweep_id: str) -> None:
-    """Print every cell of a sweep: status and throughput, grouped as the study's axes."""
+    """Print a sweep's cells as the study reads them: per backend, settings, N and layout, the median
+    over repeats with its spread, speedup and efficiency over the same backend's N=1
+    (``scaling.metrics``), accuracy, and the repeats that failed."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    rows = []
-    for _, rec in records.read_records(Path(results_dir)) if Path(results_dir).exists() else []:
-        if rec.get("group") != sweep_id:
-            continue
-        c, m = rec["config"], rec["metrics"] or {}
-        rows.append((c["backend"]["name"], c["workload"]["name"], c["devices"] * c["cluster"]["nodes"],
-                     c.get("repeat", 0), rec["status"], m.get("samples_per_s"), m.get("final_test_accuracy")))
-    table = Table(title=f"sweep {sweep_id}: {len(rows)} cells in {Path(results_dir) / sweep_id}")
-    for col in ("backend", "workload", "devices", "repeat", "status", "samples/s", "accuracy"):
-        table.add_column(col, justify="right" if col in ("devices", "repeat", "samples/s", "accuracy") else "left")
-    for r in sorted(rows, key=lambda r: (r[0], r[1], r[2], r[3])):
-        table.add_row(r[0], r[1], str(r[2]), str(r[3]), r[4] if r[4] == "ok" else f"[red]{r[4]}[/]",
-                      "-" if r[5] is None else f"{r[5]:,.0f}", "-" if r[6] is None else f"{r[6]:.4f}")
-    Console(stderr=True).print(table)
+    from scaling import analysis
+
+    loaded = analysis.load(results_dir)
+    cells = analysis.tidy(loaded.records, loaded.paths)
+    cells = cells[cells["sweep"] == sweep_id] if not cells.empty else cells
+    agg = analysis.aggregate(cells) if not cells.empty else cells
+    runs = len(cells)
+    failed = int((cells["status"] != "ok").sum()) if runs else 0
+    table = Table(title=f"sweep {sweep_id}: {runs} runs ({failed} failed) in {Path(results_dir) / sweep_id}")
+    for col in ("backend", "settings", "N", "layout", "reps", "samples/s", "min..max", "speedup", "efficiency", "accuracy"):
+        table.add_column(col, justify="left" if col in ("backend", "settings") else "right")
+    for _, r in (agg.iterrows() if len(agg) else []):
+        row = (r["backend"], r["settings"] or "-", r["N"], r["layout"],
+               f"{r['repeats']}" + (f" (+{r['failed']} failed)" if r["failed"] else ""),
+               _fmt(r["throughput"], ",.0f"), f"{_fmt(r['throughput_min'], ',.0f')}..{_fmt(r['throughput_max'], ',.0f')}",
+               _fmt(r["speedup"], ".2f"), _fmt(r["efficiency"], ".0%"), _fmt(r["final_test_accuracy"], ".4f"))
+        table.add_row(*(Text(str(v)) for v in row))  # values as text, never as markup
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)  # a log keeps whole columns
+    console.print(table)
+    comms = [rec for rec in loaded.records if rec.get("group") == sweep_id and records.kind(rec) == "comm"]
+    if comms:
+        console.print(f"{len(comms)} collective benchmark cell(s): `scaling report {results_dir}` plots them", markup=False)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    try:
+        return "-" if value is None or value != value else format(value, spec)
+    except (TypeError, ValueError):
+        return str(value)
 
 
 def build_dashboard(results_dir: str | Path) -> None:
@@ -174,7 +227,17 @@ except ImportError:  # pragma: no cover - hydra is a core dependency
 
 
 class SweepSummary(Callback):
-    """Hydra callback: after a multirun, print the sweep's table."""
+    """Hydra callback: count the cells when a multirun starts (for the progress line); after it,
+    print the sweep's table."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        try:
+            params = dict(config.hydra.sweeper.get("params") or {})
+            overrides = [str(o) for o in config.hydra.overrides.task]
+            PROGRESS.update(cells=count_cells({k: str(v) for k, v in params.items()}, overrides),
+                            start=time.monotonic())
+        except Exception:  # the count only feeds the progress line
+            PROGRESS.clear()
 
     def on_multirun_end(self, config, **kwargs) -> None:
         summary_table(config.results_dir, config.get("sweep_id") or "adhoc")

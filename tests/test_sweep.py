@@ -63,7 +63,10 @@ def test_sweep_runs_skips_and_reruns_only_missing_cells(tmp_path):
                                                    "torch_ddp-mlp-synthetic-weak-n2x1-r0"}
     assert all(status == "ok" for status, _ in done.values())
     assert "not a valid cell, skipped" in first.stderr
-    assert "sweep s: 3 cells" in first.stderr  # the summary table
+    assert "sweep s: 3 runs (0 failed)" in first.stderr  # the closing table: medians, speedup, efficiency
+    assert "cell 1/4 " in first.stderr and " elapsed, ~" in first.stderr  # progress: cell k of n, ETA
+    table = first.stderr[first.stderr.index("sweep s: 3 runs"):]
+    assert "speedup" in table and "efficiency" in table and "2x1" in table
     again = sweep(tmp_path, *args)
     assert again.returncode == 0 and again.stderr.count("done already") == 3
     assert cells(tmp_path, "s") == done  # nothing rewritten
@@ -172,3 +175,12 @@ def test_concurrent_writers_corrupt_nothing(tmp_path):
     for _, rec in found:
         records.validate(rec)
         assert rec["error"] == f"writer {rec['config']['writer']} round {rec['config']['i']}"
+
+
+def test_cells_are_counted_as_the_multirun_makes_them():
+    from scaling.sweep import count_cells
+
+    params = {"repeat": "range(3)", "backend": "torch,torch_ddp,tf", "devices": "1,2"}
+    assert count_cells(params, []) == 18
+    assert count_cells(params, ["backend=torch_ddp", "train.epochs=1"]) == 6  # the command line wins
+    assert count_cells({}, ["devices=1,2,4"]) == 3
