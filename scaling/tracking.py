@@ -1,13 +1,16 @@
 """W&B tracking (``logger=wandb``): one W&B run per cell from rank 0, one summary run per sweep.
 
 The tracker only transports numbers the protocol has measured; the JSON record stays the truth.
-- per cell: ``group`` = sweep id, ``job_type`` = backend, run name = the cell's run id; config =
-  the resolved config plus the environment; history = step time and throughput every
-  ``protocol.log_every`` steps, the train loss, test accuracy and loss after every epoch, all
-  against the ``step`` metric (optimizer steps); summary = every protocol figure of the record
-  (nested ones flattened: ``step_time_s.p50``) and the record's ``status``.
-- per sweep: a run with ``job_type="summary"`` holding a ``wandb.Table`` of all cells and line
-  plots of throughput, speedup and efficiency against device count, one line per backend.
+- per cell: ``group`` = sweep id, ``job_type`` = backend, run name = the cell's run id, tags =
+  backend, framework, device kind, variant, workload; config = the resolved config plus the
+  environment; history in W&B sections against the ``step`` metric (optimizer steps):
+  ``perf/step_time_s``, ``perf/samples_per_s`` every ``protocol.log_every`` steps, ``train/loss``,
+  ``test/accuracy`` and ``test/loss`` after every epoch; summary = every protocol figure of the
+  record but the loss curve (nested ones flattened into sections: ``step_time_s/p50``) and the
+  record's ``status``; W&B's system metrics (``logger.system_metrics``).
+- per sweep: a run with ``job_type="summary"`` whose config describes the sweep (axes and their
+  values, overrides), holding a ``wandb.Table`` of all cells ("cells") and line plots of
+  throughput, speedup and efficiency against device count, one line per backend.
 
 W&B must never cost a run: every call is wrapped, the first failure prints one warning and turns
 the tracker off, ``wandb.init`` and ``finish`` run under timeouts, and an online run that cannot
@@ -96,8 +99,9 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def _init(lcfg: dict, mode: str, results_dir: str | Path, **kwargs: Any):
-    """``wandb.init`` under the logger config's timeouts, quiet, never touching stdout."""
+def _init(lcfg: dict, mode: str, results_dir: str | Path, tags: list[str] | None = None, **kwargs: Any):
+    """``wandb.init`` under the logger config's timeouts, quiet, never touching stdout; ``tags``
+    join the logger config's own."""
     import wandb
 
     settings = wandb.Settings(
@@ -105,14 +109,14 @@ def _init(lcfg: dict, mode: str, results_dir: str | Path, **kwargs: Any):
         finish_timeout=float(lcfg.get("finish_timeout", 60)),
         console="off",  # the launcher keeps the run's log; W&B need not wrap stdout
         silent=True,  # one line of ours instead (make_tracker, start_run's warnings)
-        x_disable_stats=not lcfg.get("system_metrics", False),
+        x_disable_stats=not lcfg.get("system_metrics", True),
         disable_git=True,
         save_code=False,
         x_save_requirements=False,
     )
     with _scrubbed_argv():
         return wandb.init(project=lcfg.get("project") or "scaling", entity=lcfg.get("entity") or None,
-                          tags=list(lcfg.get("tags") or []) or None, mode=mode,
+                          tags=list(dict.fromkeys([*(lcfg.get("tags") or []), *(tags or [])])) or None, mode=mode,
                           dir=str(wandb_root(results_dir).parent), settings=settings, reinit="create_new", **kwargs)
 
 
@@ -156,15 +160,23 @@ def start_run(cfg: dict, **kwargs: Any):
 # -- one run per cell -------------------------------------------------------------------------
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"step_time_s": {"p50": x}}`` -> ``{"step_time_s.p50": x}``; lists and scalars kept."""
+    """``{"step_time_s": {"p50": x}}`` -> ``{"step_time_s/p50": x}`` (W&B groups keys by ``/``
+    into sections); lists and scalars kept."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out |= flatten(v, key + ".")
+            out |= flatten(v, key + "/")
         else:
             out[key] = [list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, (list, tuple)) else v
     return out
+
+
+#: history series, in W&B sections: performance every log_every steps, the train loss, the test set
+HISTORY_KEYS = {"step_time_s": "perf/step_time_s", "samples_per_s": "perf/samples_per_s",
+                "samples_per_s_per_device": "perf/samples_per_s_per_device", "train_loss": "train/loss"}
+#: record figures kept out of the run summary (they are series, logged as history)
+HISTORY_ONLY = ("train_loss",)
 
 
 class WandbTracker(Observer):
@@ -210,18 +222,19 @@ class WandbTracker(Observer):
 
     def logged(self, step: int, values: dict[str, float]) -> None:
         self._steps = step
-        self._call(self.run.log, {"step": step, **values})
+        self._call(self.run.log, {"step": step, **{HISTORY_KEYS.get(k, k): v for k, v in values.items()}})
 
     def evaluated(self, epoch: int, loss: float, accuracy: float) -> None:
-        self._call(self.run.log, {"step": self._steps, "epoch": epoch, "test_accuracy": float(accuracy),
-                                  "test_loss": float(loss)})
+        self._call(self.run.log, {"step": self._steps, "epoch": epoch, "test/accuracy": float(accuracy),
+                                  "test/loss": float(loss)})
 
     def finish(self, record: dict) -> None:
         """Put every figure of ``record`` and its status into the summary, then finish the run
         (bounded by ``logger.finish_timeout``)."""
         if self._off:
             return
-        summary = flatten(record.get("metrics") or {})
+        # every figure of the record but the loss curve, which is the history's ("train/loss")
+        summary = flatten({k: v for k, v in (record.get("metrics") or {}).items() if k not in HISTORY_ONLY})
         summary["status"] = record["status"]
         if record.get("error"):
             summary["error"] = record["error"].splitlines()[0]
@@ -242,12 +255,21 @@ class WandbTracker(Observer):
 def make_tracker(cfg: dict, run_id: str, group: str) -> WandbTracker | None:
     """The cell's W&B run (rank 0 calls this), or None when ``logger`` is not wandb or W&B fails."""
     config = scrub_secrets({**cfg, "environment": records.capture_environment()})
-    run = start_run(cfg, group=group, job_type=cfg["backend"]["name"], name=run_id, config=config)
+    run = start_run(cfg, group=group, job_type=cfg["backend"]["name"], name=run_id, config=config, tags=run_tags(cfg))
     if run is None:
         return None
     tracker = WandbTracker(run)
     _say_where(run, tracker.run_dir)
     return tracker
+
+
+def run_tags(cfg: dict) -> list[str]:
+    """What a cell is, as W&B tags to filter by: backend, framework, device kind, variant, workload."""
+    device = cfg.get("device", "auto")
+    kind = "gpu" if device == "cuda" or (device == "auto" and os.path.exists("/dev/nvidiactl")) else "cpu"
+    backend = cfg.get("backend") or {}
+    return [str(t) for t in (backend.get("name"), backend.get("framework"), kind, cfg.get("variant") or "defaults",
+                             (cfg.get("workload") or {}).get("name")) if t]
 
 
 def _say_where(run: Any, run_dir: Path | None) -> None:
@@ -354,6 +376,25 @@ def _plain(cfg: Any) -> dict:
     return plain
 
 
+def sweep_description(cfg: dict, sweep_id: str, recs: list[dict], rows: list[dict]) -> dict:
+    """The summary run's config: the sweep (its id, experiment, command-line overrides and the
+    values its cells took on each axis), not one cell's config."""
+    def values(get) -> list:
+        return sorted({get(r) for r in recs if get(r) is not None}, key=str)
+
+    return {"sweep_id": sweep_id, "experiment": cfg.get("experiment"), "results_dir": str(cfg.get("results_dir")),
+            "overrides": list(cfg.get("overrides") or []),
+            "backends": values(lambda r: r["config"]["backend"]["name"]),
+            "workloads": values(lambda r: r["config"]["workload"]["name"]),
+            "data": values(lambda r: r["config"]["data"]["name"]),
+            "scaling": values(lambda r: r["config"].get("scaling")),
+            "devices": values(lambda r: r["config"]["devices"] * r["config"]["cluster"]["nodes"]),
+            "layouts": values(lambda r: f"{r['config']['devices']}x{r['config']['cluster']['nodes']}"),
+            "variants": values(lambda r: r["config"].get("variant") or "defaults"),
+            "repeats": values(lambda r: r["config"].get("repeat", 0)),
+            "cells": [r["cell"] for r in rows]}
+
+
 def _log_sweep_summary(cfg: dict, sweep_id: str) -> Path | None:
     results_dir = cfg["results_dir"]
     recs = [rec for _, rec in records.read_records(results_dir) if rec.get("group") == sweep_id
@@ -361,8 +402,9 @@ def _log_sweep_summary(cfg: dict, sweep_id: str) -> Path | None:
     if not recs or (cfg.get("logger") or {}).get("name") != "wandb":
         return None
     rows = sweep_rows(recs)
-    config = scrub_secrets({**{k: v for k, v in cfg.items() if k != "hydra"}, "cells": [r["cell"] for r in rows]})
-    run = start_run(cfg, group=sweep_id, job_type="summary", name=f"{sweep_id}-summary", config=config)
+    config = scrub_secrets(sweep_description(cfg, sweep_id, recs, rows))
+    run = start_run(cfg, group=sweep_id, job_type="summary", name=f"{sweep_id}-summary", config=config,
+                    tags=["summary", str(sweep_id)])
     if run is None:
         return None
     tracker = WandbTracker(run, step_axis=False)  # for its guarded calls
@@ -380,7 +422,8 @@ def _log_sweep_summary(cfg: dict, sweep_id: str) -> Path | None:
                 logged[f"{name}_vs_devices"] = wandb.plot.line_series(
                     xs=xs, ys=ys, keys=keys, title=f"{sweep_id}: {title} vs devices", xname="devices")
         run.log(logged)
-        run.summary.update({"cells": len(rows), "cells_ok": sum(r["status"] == "ok" for r in rows)})
+        # (the table stays under "cells": a number there would replace it)
+        run.summary.update({"cells_total": len(rows), "cells_ok": sum(r["status"] == "ok" for r in rows)})
 
     tracker._call(log)
     where = tracker.run_dir

@@ -216,9 +216,16 @@ def test_sweep_rows_speedup_and_efficiency_against_the_median_at_one_device():
     assert keys == ["ddp/cnn", "ddp/mlp"]  # hvd has no N = 1 run, so no speedup line
 
 
-def test_flatten_names_nested_figures_with_dots():
+def test_flatten_names_nested_figures_in_wandb_sections():
     flat = tracking.flatten({"step_time_s": {"p50": 1.0, "n": 3}, "train_loss": [(10, 0.5)], "x": None})
-    assert flat == {"step_time_s.p50": 1.0, "step_time_s.n": 3, "train_loss": [[10, 0.5]], "x": None}
+    assert flat == {"step_time_s/p50": 1.0, "step_time_s/n": 3, "train_loss": [[10, 0.5]], "x": None}
+
+
+def test_cell_runs_are_tagged_with_what_they_are():
+    cfg = {"backend": {"name": "torch_ddp", "framework": "torch"}, "device": "cpu", "variant": "tuned",
+           "workload": {"name": "mlp"}}
+    assert tracking.run_tags(cfg) == ["torch_ddp", "torch", "cpu", "tuned", "mlp"]
+    assert tracking.run_tags({**cfg, "device": "cuda", "variant": None})[2:4] == ["gpu", "defaults"]
 
 
 # ---- real offline runs, read back -----------------------------------------------------------
@@ -256,25 +263,27 @@ def test_offline_run_logs_what_the_record_holds(offline_run):
     assert logged.config["environment"]["frameworks"] == rec["environment"]["frameworks"]
     assert logged.exit_code == 0 and logged.summary["status"] == "ok"
 
-    # summary: every protocol figure, equal to the record's
+    # summary: every protocol figure, equal to the record's; the loss curve is history only
     assert logged.summary["samples_per_s"] == m["samples_per_s"]
     assert logged.summary["final_test_accuracy"] == m["final_test_accuracy"]
-    for key, value in tracking.flatten(m).items():
+    for key, value in tracking.flatten({k: v for k, v in m.items() if k != "train_loss"}).items():
         assert logged.summary[key] == value, key
+    assert "train_loss" not in logged.summary and "step_time_s/p50" in logged.summary
+    assert {"torch", "cpu", "defaults", "mlp"} <= set(logged.run.get("tags") or [])
 
     # history: step time and throughput every log_every steps once warm (20 warm-up steps)
-    timing = logged.rows("step_time_s")
+    timing = logged.rows("perf/step_time_s")
     assert [r["step"] for r in timing] == list(range(30, 101, 10))
     for r in timing:
-        assert r["samples_per_s"] == pytest.approx(m["global_batch"] / r["step_time_s"])
+        assert r["perf/samples_per_s"] == pytest.approx(m["global_batch"] / r["perf/step_time_s"])
         assert r["epoch"] == 0
     # equal windows of 10 steps: their mean is the record's mean step time
-    assert sum(r["step_time_s"] for r in timing) / len(timing) == pytest.approx(m["step_time_s"]["mean"], rel=1e-9)
-    loss = logged.rows("train_loss")
-    assert [[r["step"], r["train_loss"]] for r in loss] == [list(p) for p in m["train_loss"]]
-    evals = logged.rows("test_accuracy")
-    assert [r["test_accuracy"] for r in evals] == m["test_accuracy_per_epoch"]
-    assert [r["test_loss"] for r in evals] == m["test_loss_per_epoch"]
+    assert sum(r["perf/step_time_s"] for r in timing) / len(timing) == pytest.approx(m["step_time_s"]["mean"], rel=1e-9)
+    loss = logged.rows("train/loss")
+    assert [[r["step"], r["train/loss"]] for r in loss] == [list(p) for p in m["train_loss"]]
+    evals = logged.rows("test/accuracy")
+    assert [r["test/accuracy"] for r in evals] == m["test_accuracy_per_epoch"]
+    assert [r["test/loss"] for r in evals] == m["test_loss_per_epoch"]
     assert [r["step"] for r in evals] == [100]
 
 
@@ -343,7 +352,11 @@ def test_sweep_logs_rank0_cell_runs_and_a_summary_run(tmp_path):
 
     summary = runs["w-summary"]
     assert summary.run["run_group"] == "w" and summary.run["job_type"] == "summary" and summary.exit_code == 0
-    assert summary.summary["cells"] == 3 and summary.summary["cells_ok"] == 3
+    assert summary.summary["cells_total"] == 3 and summary.summary["cells_ok"] == 3
+    # the table stays the "cells" key (a count logged there would replace it in W&B's summary)
+    assert "cells" not in summary.summary and summary.summary["cells._type"] == "table-file"
+    assert summary.config["backends"] == ["torch", "torch_ddp"] and summary.config["devices"] == [1, 2]
+    assert "backend" not in summary.config  # the sweep, not one cell's config
     [row] = summary.rows("cells._type")
     table = json.loads((summary.dir / "files" / row["cells.path"]).read_text())
     cells = {r[0]: dict(zip(table["columns"], r)) for r in table["data"]}
