@@ -357,6 +357,8 @@ def environments(records: Iterable[dict]) -> pd.DataFrame:
         gpu = env.get("gpu")
         if isinstance(gpu, dict):
             gpu_text = f"{gpu.get('count', '?')} x {gpu.get('model') or gpu.get('name') or 'GPU'}"
+            extras = [f"{k} {gpu[k]}" for k in ("driver", "cuda", "nccl") if gpu.get(k)]
+            gpu_text += f" ({', '.join(extras)})" if extras else ""
         else:
             gpu_text = str(gpu) if gpu else "none (CPU workers)"
         row = {
@@ -367,6 +369,7 @@ def environments(records: Iterable[dict]) -> pd.DataFrame:
             "python": env.get("python"),
             "platform": env.get("platform"),
             "slurm": "yes" if env.get("slurm") else "no",
+            "code": _code_text(env.get("code")),
         }
         key = tuple(row.values())
         entry = seen.setdefault(key, row | {"frameworks": set(), "records": 0})
@@ -374,3 +377,13 @@ def environments(records: Iterable[dict]) -> pd.DataFrame:
         entry["records"] += 1
     rows = [e | {"frameworks": ", ".join(sorted(e["frameworks"])) or "-"} for e in seen.values()]
     return pd.DataFrame(rows)
+
+
+def _code_text(code: dict | None) -> str:
+    """``scaling 0.1.0 @ 1a2b3c4d (+changes)``, or what of it the record has."""
+    if not code:
+        return "-"
+    text = f"scaling {code.get('package') or '?'}"
+    if code.get("git_commit"):
+        text += f" @ {code['git_commit'][:10]}" + (" (+uncommitted changes)" if code.get("git_dirty") else "")
+    return text

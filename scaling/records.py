@@ -321,12 +321,43 @@ def capture_environment(frameworks: dict[str, str] | None = None, gpu: dict | No
         "gpu": gpu,
         "slurm": slurm_environment(),
         "comm_env": comm_environment(),
+        "code": code_version(),
         "argv": sys.argv,
     }
 
 
 #: variables that change how collectives run: recorded with every run, set or not by the site
 COMM_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "GLOO_", "HOROVOD_", "TF_COLLECTIVE", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+
+
+def code_version() -> dict[str, Any]:
+    """The study's own version: the package's, and in a clone the git commit and whether the
+    working tree had changes (a figure must be traceable to the code that measured it)."""
+    import subprocess
+
+    out: dict[str, Any] = {"package": _package_version(), "git_commit": None, "git_dirty": None}
+    root = Path(__file__).resolve().parent.parent
+    if (root / ".git").exists():
+        try:
+            git = ["git", "-C", str(root)]
+            commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+            status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, timeout=5)
+            if commit.returncode == 0:
+                out["git_commit"] = commit.stdout.strip()
+                out["git_dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return out
+
+
+def _package_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("scaling")
+    except Exception:
+        return None
 
 
 def comm_environment() -> dict[str, str]:

@@ -166,11 +166,13 @@ def _figures(study: Study, colour: dict[str, str]) -> list[Figure]:
 
     # final accuracy and time-to-accuracy per cell
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12, subplot_titles=(
-        "final test accuracy (bars = repeat range)", f"time to {agg['target_accuracy'].max():.0%} test accuracy"))
+        "final test accuracy (whiskers = repeat range)", f"time to {agg['target_accuracy'].max():.0%} test accuracy"))
     labels = [f"{b} N={n} ({lay})" for b, n, lay in zip(agg["backend"], agg["N"], agg["layout"])]
     bar_colours = [colour[b] for b in agg["backend"]]
-    fig.add_trace(go.Bar(
-        x=labels, y=agg["final_test_accuracy"], marker_color=bar_colours, showlegend=False,
+    # points, not bars: the axis is zoomed to the accuracies, and a bar's length would then mislead
+    fig.add_trace(go.Scatter(
+        x=labels, y=agg["final_test_accuracy"], mode="markers", marker={"color": bar_colours, "size": 11},
+        showlegend=False,
         error_y={"type": "data", "symmetric": False,
                  "array": agg["final_test_accuracy_max"] - agg["final_test_accuracy"],
                  "arrayminus": agg["final_test_accuracy"] - agg["final_test_accuracy_min"]},
@@ -393,6 +395,7 @@ p, li { line-height: 1.45; } .meta { color: #666; font-size: 13px; }
 .banner.info { border-color: #1f78b4; background: #eef5fb; }
 .banner.missing { border-color: #b2182b; background: #fdecec; }
 .claim { font-style: italic; }
+.tw { overflow-x: auto; max-width: 100%; }
 table { border-collapse: collapse; margin: 8px 0 16px; font-size: 13px; background: white; }
 th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: right; vertical-align: top; }
 th { background: #f0f0f0; } td.l, th.l { text-align: left; }
@@ -431,7 +434,9 @@ def _table(df: pd.DataFrame, columns: Sequence[tuple[str, str, str | Callable[[A
             klass = " ".join(c for c in ("l" if fmt == "s" else "", extra.get(col, "")) if c)
             tds.append(f"<td class='{klass}'>{_esc(text)}</td>")
         rows.append("<tr>" + "".join(tds) + "</tr>")
-    return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    # in a scrolling box: a narrow window scrolls a wide table instead of cutting it off
+    return (f"<div class='tw'><table class='{cls}'><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table></div>")
 
 
 def _fig_html(f: Figure) -> str:
@@ -536,13 +541,21 @@ def _model_section(s: Study) -> str:
     return "".join(parts)
 
 
+def _serial(value: Any) -> str:
+    """A serial fraction, flagged above 1: the cell ran slower at N than at N=1 (no law explains
+    that with a fraction of the work; it is overhead that grows with N)."""
+    if value is None or value != value:
+        return "-"
+    return f"{value:.2f} (slower than N=1)" if value > 1 else f"{value:.2f}"
+
+
 def _agg_table(agg: pd.DataFrame) -> str:
     return _table(agg, [
         ("backend", "backend", "s"), ("settings", "settings", "s"), ("N", "N", "d"), ("layout", "layout", "s"),
         ("repeats", "repeats", "d"), ("failed", "failed", "d"),
         ("global_batch", "global batch", ",.0f"), ("throughput", "samples/s (median)", ",.0f"),
         ("throughput_min", "min", ",.0f"), ("throughput_max", "max", ",.0f"), ("throughput_spread", "spread", ".0%"),
-        ("speedup", "speedup", ".2f"), ("efficiency", "efficiency", ".0%"), ("serial_fraction", f"{agg['serial_law'].iloc[0]} serial", ".2f"),
+        ("speedup", "speedup", ".2f"), ("efficiency", "efficiency", ".0%"), ("serial_fraction", f"{agg['serial_law'].iloc[0]} serial", _serial),
         ("step_time_p50_s", "step p50 ms", lambda v: _fmt(v * 1e3 if v == v else v, ".3f")),
         ("step_time_p95_s", "step p95 ms", lambda v: _fmt(v * 1e3 if v == v else v, ".3f")),
         ("final_test_accuracy", "final accuracy", ".4f"),
@@ -592,7 +605,8 @@ def render_html(results_dir: Path, loaded: analysis.Loaded, cells: pd.DataFrame,
     else:
         parts.append(_table(env, [("host", "host", "s"), ("cpu", "CPU", "s"), ("memory_gib", "memory GiB", ".1f"),
                                   ("gpu", "GPU", "s"), ("python", "Python", "s"), ("frameworks", "frameworks", "s"),
-                                  ("platform", "platform", "s"), ("slurm", "Slurm", "s"), ("records", "records", "d")]))
+                                  ("platform", "platform", "s"), ("slurm", "Slurm", "s"), ("code", "code", "s"),
+                                  ("records", "records", "d")]))
     if pngs:
         parts.append("<p class='meta'>PNG figures next to this file: " + ", ".join(_esc(p.name) for p in pngs) + "</p>")
     parts.append(

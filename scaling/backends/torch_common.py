@@ -79,6 +79,7 @@ def environment(device: torch.device) -> dict:
             "model": torch.cuda.get_device_name(0),
             "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version(),
+            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None,
         }
     return env
 
