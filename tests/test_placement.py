@@ -41,7 +41,10 @@ def test_compute_pins_the_main_thread_and_frees_the_others():
         assert os.sched_getaffinity(threading.main_thread().native_id) == {node[0]}
         assert os.sched_getaffinity(helper.native_id) == set(node)
         d = placer.describe()
-        assert d["mode"] == "compute" and d["threads_pinned"] == 1 and d["threads_free"] >= 1
+        # the main thread, and TensorFlow's compute threads where an earlier test in this process started some
+        tf_compute = sum(1 for t in placement._tasks() if placement._name(t).startswith(placement.COMPUTE_THREADS)
+                         and t != threading.main_thread().native_id)
+        assert d["mode"] == "compute" and d["threads_pinned"] == 1 + tf_compute and d["threads_free"] >= 1
         core = placement.Placement(cfg_for(devices=1, mode="core"), 0, 1)
         core.apply()
         assert os.sched_getaffinity(helper.native_id) == {node[0]}
