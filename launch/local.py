@@ -80,8 +80,10 @@ class _Proc:
     reader: threading.Thread | None = None
 
 
-#: what a quiet run still shows on the console: the study's own warnings (W&B falling back, ...)
+#: what a quiet run still shows on the console: the study's own warnings (W&B falling back, ...),
+#: but not each cell's note on where its W&B run went (the sweep says that once)
 STUDY_LINES = ("scaling:", "scaling ")
+WHERE_NOTE_RUN = ("scaling: W&B offline run ", "scaling: W&B run ")
 
 
 def _pump(proc: _Proc, log, echo_all: bool = True) -> None:
@@ -92,7 +94,7 @@ def _pump(proc: _Proc, log, echo_all: bool = True) -> None:
         proc.tail.append(line.rstrip("\n"))
         log.write(line)
         log.flush()
-        if echo_all or line.startswith(STUDY_LINES):
+        if echo_all or (line.startswith(STUDY_LINES) and not line.startswith(WHERE_NOTE_RUN)):
             sys.stderr.write(line)
             sys.stderr.flush()
 

@@ -191,7 +191,10 @@ def _slurm_sweep(overrides: list[str], wait: bool = False) -> int:
         if (cfg.get("logger") or {}).get("name") == "wandb":
             from scaling.tracking import log_sweep_summary
 
+            from scaling.tracking import say_sweep_runs
+
             log_sweep_summary(cfg, sweep_id)  # never raises
+            say_sweep_runs(results_dir)
         failed = failed_cells(results_dir, sweep_id)  # the cells ran in Slurm jobs: their records say how
         if failed:
             _say_failed(failed)

@@ -248,4 +248,7 @@ class SweepSummary(Callback):
         if (config.get("logger") or {}).get("name") == "wandb":
             from scaling.tracking import log_sweep_summary
 
+            from scaling.tracking import say_sweep_runs
+
             log_sweep_summary(config, config.get("sweep_id") or "adhoc")  # never raises
+            say_sweep_runs(config.results_dir)

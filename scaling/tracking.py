@@ -272,12 +272,24 @@ def run_tags(cfg: dict) -> list[str]:
                              (cfg.get("workload") or {}).get("name")) if t]
 
 
+#: how the note on where a run went starts (a sweep keeps these in each cell's log and says it once)
+WHERE_NOTE = "scaling: W&B "
+
+
 def _say_where(run: Any, run_dir: Path | None) -> None:
     try:
         where = f"offline run {run_dir} (upload: wandb sync {run_dir})" if run.offline else f"run {run.url}"
     except Exception:
         where = f"run {run_dir}"
-    print(f"scaling: W&B {where}", file=sys.stderr, flush=True)
+    print(f"{WHERE_NOTE}{where}", file=sys.stderr, flush=True)
+
+
+def say_sweep_runs(results_dir: str | Path) -> None:
+    """A sweep's one line on its W&B runs: how many went offline and how to upload them."""
+    offline = sorted(wandb_root(results_dir).glob("offline-run-*"))
+    if offline:
+        print(f"[sweep] W&B: {len(offline)} offline run(s) under {wandb_root(results_dir)}; upload them with "
+              f"`wandb sync {wandb_root(results_dir)}/offline-run-*`", file=sys.stderr, flush=True)
 
 
 # -- one summary run per sweep ----------------------------------------------------------------
@@ -427,8 +439,6 @@ def _log_sweep_summary(cfg: dict, sweep_id: str) -> Path | None:
 
     tracker._call(log)
     where = tracker.run_dir
-    if tracker.active:
-        _say_where(run, where)
     tracker._call(run.finish)
     return where if tracker.active else None
 

@@ -15,6 +15,7 @@ def pump(lines, echo_all, capsys):
 
 
 BANNERS = ["GPU available: False, used: False\n", "TPU available: False, using: 0 TPU cores\n",
+           "scaling: W&B offline run /r/wandb/offline-run-1 (upload: wandb sync /r/wandb/offline-run-1)\n",
            "I0000 00:00:1764200000.000000 cpu_feature_guard.cc:210] This TensorFlow binary is optimized\n",
            "scaling: W&B: could not start an online run (timeout); logging offline\n",
            "WARNING:torch.distributed.run:Setting OMP_NUM_THREADS environment variable for each process\n"]

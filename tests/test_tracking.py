@@ -350,6 +350,9 @@ def test_sweep_logs_rank0_cell_runs_and_a_summary_run(tmp_path):
         assert logged.run["run_group"] == "w" and logged.run["job_type"] == rec["config"]["backend"]["name"]
         assert logged.summary["samples_per_s"] == rec["metrics"]["samples_per_s"]
 
+    # the console says once where the runs are and how to upload them (each cell's note stays in its log)
+    assert "scaling: W&B offline run" not in proc.stderr
+    assert f"[sweep] W&B: {len(runs)} offline run(s) under" in proc.stderr and "wandb sync" in proc.stderr
     summary = runs["w-summary"]
     assert summary.run["run_group"] == "w" and summary.run["job_type"] == "summary" and summary.exit_code == 0
     assert summary.summary["cells_total"] == 3 and summary.summary["cells_ok"] == 3
