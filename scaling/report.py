@@ -570,9 +570,15 @@ def render_html(results_dir: Path, loaded: analysis.Loaded, cells: pd.DataFrame,
     generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     n_ok = int((cells["status"] == "ok").sum()) if not cells.empty else 0
     n_failed = len(cells) - n_ok if not cells.empty else 0
+    from scaling.sweep import invalid_cells
+
+    invalid = invalid_cells(results_dir)
     parts = [f"<h1>Scaling study report</h1><p class='meta'>{_esc(results_dir)} &middot; generated {generated} &middot; "
              f"{loaded.files_seen} record files, {n_ok} ok, {n_failed} failed, {loaded.files_seen - len(loaded.records)} "
-             f"skipped</p>"]
+             f"unreadable &middot; {len(invalid)} grid cells skipped as invalid for their backend</p>"]
+    if invalid:
+        reasons = sorted({r.split(". Fix:")[0] for r in invalid.values()})
+        problems = [*problems, f"{len(invalid)} cell(s) of the sweeps' grids were not run: " + "; ".join(reasons)]
     if study_list:
         parts.append("<nav>" + "".join(f"<a href='#{_esc(s.slug)}'>{_esc(s.title)}</a>" for s in study_list) +
                      "<a href='#environment'>environment</a><a href='#definitions'>definitions</a></nav>")

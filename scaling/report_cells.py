@@ -49,11 +49,18 @@ def verdict_section(found: pd.DataFrame, table: Callable[..., str]) -> str:
     df["p"] = [("-" if p != p else f"{p:.3f} (Holm {q:.3f}, {k:.0f} pairs)")
                for p, q, k in zip(df["p_value"].astype(float), df["p_adjusted"].astype(float), df["pairs"].astype(float))]
     return table(df, [("N", "devices", "d"), ("layout", "layout", "s"), ("question", "question", "s"),
-                      ("tf_backend", "best TF backend", "s"), ("tf_value", "TF median", ".4g"),
-                      ("torch_backend", "best PyTorch backend", "s"), ("torch_value", "PyTorch median", ".4g"),
+                      ("tf_backend", "best TF backend", "s"), ("tf_value", "TF median", _median),
+                      ("torch_backend", "best PyTorch backend", "s"), ("torch_value", "PyTorch median", _median),
                       ("ratio", "TF / PyTorch", ".2f"), ("interval", "95% interval", "s"),
                       ("cliffs_delta", "Cliff's delta", "+.2f"), ("p", "exact p", "s"),
                       ("repeats", "repeats TF / PT", "s"), ("verdict", "verdict", "s")], row_class=_verdict_class)
+
+
+def _median(value) -> str:
+    """Samples/s as a whole number with separators, an efficiency (below 10) to 3 decimals."""
+    if value is None or value != value:
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 10 else f"{value:.3f}"
 
 
 def rule_paragraph() -> str:

@@ -11,6 +11,7 @@ down, and an interrupted cell leaves a ``failed`` record, never half of one.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import sys
@@ -79,6 +80,7 @@ def run_cell(cfg: dict[str, Any], task_overrides: list[str], job_num: int) -> di
         check_results_dir(cfg["results_dir"], sweep_id)
     except ConfigError as exc:
         print(f"{tag}: not a valid cell, skipped ({exc})", file=sys.stderr, flush=True)
+        note_invalid(cfg["results_dir"], sweep_id, run_id, str(exc))
         return None
     done = finished(cfg["results_dir"], sweep_id, run_id)
     if done:
@@ -131,6 +133,32 @@ def count_cells(params: dict[str, str], overrides: list[str]) -> int:
         if parsed.is_sweep_override():
             total *= len(list(parsed.sweep_string_iterator()))
     return total
+
+
+INVALID_CELLS = ".invalid-cells.json"
+
+
+def note_invalid(results_dir: str | Path, sweep_id: str, run_id: str, reason: str) -> None:
+    """Keep a cell the grid holds but its backend cannot run (``<sweep>/.invalid-cells.json``),
+    so the dashboard counts it as skipped, with the reason."""
+    try:
+        path = records.inside(results_dir, sweep_id, INVALID_CELLS)
+        known = json.loads(path.read_text()) if path.exists() else {}
+        if known.get(run_id) != reason:
+            records.write_json_atomic(path, {**known, run_id: reason})
+    except (OSError, ValueError, records.RecordError):
+        pass  # only the dashboard's count depends on it
+
+
+def invalid_cells(results_dir: str | Path) -> dict[str, str]:
+    """Every sweep's skipped cells under ``results_dir``: ``{"<sweep>/<cell>": reason}``."""
+    found: dict[str, str] = {}
+    for path in sorted(Path(results_dir).glob(f"*/{INVALID_CELLS}")):
+        try:
+            found |= {f"{path.parent.name}/{k}": v for k, v in json.loads(path.read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            continue
+    return found
 
 
 def headline(record: dict) -> str:
@@ -208,7 +236,7 @@ def _fmt(value: Any, spec: str) -> str:
 
 def build_dashboard(results_dir: str | Path) -> None:
     """The local dashboard of everything under results_dir, at <results_dir>/report/index.html."""
-    if not any(Path(results_dir).glob("*/*.json")):
+    if not any(not p.name.startswith(".") for p in Path(results_dir).glob("*/*.json")):
         return  # nothing recorded: no empty dashboard
     try:
         from scaling.report import build

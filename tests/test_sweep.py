@@ -24,7 +24,7 @@ def sweep(tmp, *args, timeout=600, **kw):
 
 def cells(tmp, sweep_id):
     out = {}
-    for path in sorted((Path(tmp) / sweep_id).glob("*.json")):
+    for path in sorted((Path(tmp) / sweep_id).glob("[!.]*.json")):  # records; dotfiles are the sweep's own
         rec = json.loads(path.read_text())
         records.validate(rec)
         out[path.stem] = (rec["status"], path.stat().st_mtime_ns)
@@ -63,6 +63,10 @@ def test_sweep_runs_skips_and_reruns_only_missing_cells(tmp_path):
                                                    "torch_ddp-mlp-synthetic-weak-n2x1-r0"}
     assert all(status == "ok" for status, _ in done.values())
     assert "not a valid cell, skipped" in first.stderr
+    # the skipped cell is kept with its reason, and the dashboard's header counts it
+    invalid = json.loads((tmp_path / "s" / ".invalid-cells.json").read_text())
+    assert [k.split("-r0")[0] for k in invalid] == ["torch-mlp-synthetic-weak-n2x1"]
+    assert "1 grid cells skipped as invalid for their backend" in (tmp_path / "report" / "index.html").read_text()
     assert "sweep s: 3 runs (0 failed)" in first.stderr  # the closing table: medians, speedup, efficiency
     assert "cell 1/4 " in first.stderr and " elapsed, ~" in first.stderr  # progress: cell k of n, ETA
     table = first.stderr[first.stderr.index("sweep s: 3 runs"):]
