@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from scaling import records
+from scaling.tracking import WHERE_NOTES
 
 #: after the first dead rank, how long the framework's own launcher gets to stop the rest
 GRACE_S = 3.0
@@ -83,7 +84,6 @@ class _Proc:
 #: what a quiet run still shows on the console: the study's own warnings (W&B falling back, ...),
 #: but not each cell's note on where its W&B run went (the sweep says that once)
 STUDY_LINES = ("scaling:", "scaling ")
-WHERE_NOTE_RUN = ("scaling: W&B offline run ", "scaling: W&B run ")
 
 
 def _pump(proc: _Proc, log, echo_all: bool = True) -> None:
@@ -94,7 +94,7 @@ def _pump(proc: _Proc, log, echo_all: bool = True) -> None:
         proc.tail.append(line.rstrip("\n"))
         log.write(line)
         log.flush()
-        if echo_all or (line.startswith(STUDY_LINES) and not line.startswith(WHERE_NOTE_RUN)):
+        if echo_all or (line.startswith(STUDY_LINES) and not line.startswith(WHERE_NOTES)):
             sys.stderr.write(line)
             sys.stderr.flush()
 

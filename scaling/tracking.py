@@ -274,6 +274,7 @@ def run_tags(cfg: dict) -> list[str]:
 
 #: how the note on where a run went starts (a sweep keeps these in each cell's log and says it once)
 WHERE_NOTE = "scaling: W&B "
+WHERE_NOTES = (f"{WHERE_NOTE}offline run ", f"{WHERE_NOTE}run ")
 
 
 def _say_where(run: Any, run_dir: Path | None) -> None:
