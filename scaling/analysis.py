@@ -36,9 +36,6 @@ FAST_SETTINGS = ("fast", "steps_per_call", "jit_compile")
 #: ``*-r<repeat>`` or ``*-r<repeat>-<hash of other overrides>`` (scaling/sweep.py's cell ids)
 _CELL_ID = re.compile(r"-r\d+(?:-([0-9a-f]{8}))?$")
 
-#: parameters per workload, for when a record's config does not carry ``workload.parameters``
-WORKLOAD_PARAMETERS = {"mlp": 101_770, "cnn": 1_199_882}
-
 
 @dataclass
 class Loaded:
@@ -176,7 +173,8 @@ def tidy(records: Iterable[dict], paths: Iterable[Path] | None = None) -> pd.Dat
             "workload": workload,
             "workload_params": workload_params(_get(cfg, "workload", default={})),
             "settings": fast_settings(_get(cfg, "backend", default={})),
-            "parameters": _get(cfg, "workload", "parameters", default=WORKLOAD_PARAMETERS.get(workload)),
+            "parameters": (_get(cfg, "workload", "parameters")
+                           or workload_parameters(_get(cfg, "workload", default={}))),
             "data": _get(cfg, "data", "name", default="?"),
             "scaling": cfg.get("scaling", "weak"),
             "variant": str(cfg.get("variant") or "defaults"),
@@ -387,3 +385,14 @@ def _code_text(code: dict | None) -> str:
     if code.get("git_commit"):
         text += f" @ {code['git_commit'][:10]}" + (" (+uncommitted changes)" if code.get("git_dirty") else "")
     return text
+
+
+def workload_parameters(workload: dict | str) -> int | None:
+    """A workload's parameter count from its definition (``scaling.workloads``), for records that do
+    not carry it; None for a workload this version does not know."""
+    from scaling.workloads import parameters
+
+    try:
+        return parameters(workload)
+    except (KeyError, TypeError, ValueError):
+        return None

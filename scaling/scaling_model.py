@@ -47,7 +47,7 @@ PARAMS = ("t_compute_s", "alpha_s", "inv_beta_s_per_byte")
 def gradient_bytes(workload: str, parameters: float | None = None, bytes_per_param: int = 4) -> int:
     """Bytes all-reduced per step: the workload's parameters in fp32."""
     if parameters is None or (isinstance(parameters, float) and math.isnan(parameters)):
-        parameters = analysis.WORKLOAD_PARAMETERS.get(workload)
+        parameters = analysis.workload_parameters(workload)
     if parameters is None:
         raise ValueError(f"unknown parameter count for workload {workload!r}")
     return int(parameters) * bytes_per_param
