@@ -198,20 +198,25 @@ def _not_measured(meter: Measurement, metrics: dict, rank: int) -> str | None:
 
 
 def slurm_rendezvous() -> None:
-    """torch.distributed's env:// address under srun: rank 0's node (its NodeAddr) and a per-job port."""
-    if "MASTER_ADDR" in os.environ or "SLURM_JOB_NODELIST" not in os.environ:
-        return
-    import subprocess
+    """torch.distributed's env:// address under srun: rank 0's node (its NodeAddr) and a per-job
+    port; and gloo's interface, the one this node reaches that address through (left to itself,
+    gloo binds whatever the host name resolves to, often loopback)."""
+    if "MASTER_ADDR" not in os.environ and "SLURM_JOB_NODELIST" in os.environ:
+        import subprocess
 
-    try:
-        first = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
-                               capture_output=True, text=True, timeout=30).stdout.split()[0]
-        node = subprocess.run(["scontrol", "show", "node", first, "-o"], capture_output=True, text=True, timeout=30).stdout
-        addr = next((f.split("=", 1)[1] for f in node.split() if f.startswith("NodeAddr=")), first)
-    except (OSError, IndexError, subprocess.SubprocessError):
-        return
-    os.environ["MASTER_ADDR"] = addr
-    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000))
+        try:
+            first = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                                   capture_output=True, text=True, timeout=30).stdout.split()[0]
+            node = subprocess.run(["scontrol", "show", "node", first, "-o"], capture_output=True, text=True, timeout=30).stdout
+            addr = next((f.split("=", 1)[1] for f in node.split() if f.startswith("NodeAddr=")), first)
+        except (OSError, IndexError, subprocess.SubprocessError):
+            return
+        os.environ["MASTER_ADDR"] = addr
+        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000))
+    if "MASTER_ADDR" in os.environ and "GLOO_SOCKET_IFNAME" not in os.environ:
+        from launch.horovod_slurm import route_iface
+
+        os.environ["GLOO_SOCKET_IFNAME"] = route_iface(os.environ["MASTER_ADDR"])
 
 
 def _horovod_under_srun(cfg: dict, run_id: str | None) -> None:

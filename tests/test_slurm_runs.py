@@ -14,7 +14,8 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from tests.slurm.cluster import ClusterUnavailable, ensure_cluster, job_states, wait_for_states  # noqa: E402
+from tests.slurm.cluster import (ClusterUnavailable, ensure_cluster, job_states, node_addresses,  # noqa: E402
+                                 wait_for_states)
 
 from scaling import records  # noqa: E402
 
@@ -65,6 +66,25 @@ def test_two_node_cells_through_rendered_sbatch_scripts(cluster, tmp_path):
         slurm = rec["environment"]["slurm"]
         assert slurm["nnodes"] == "2" and slurm["job_nodelist"] and slurm["job_gpus"] is not None
         assert rec["metrics"]["devices"] == 2
+    addrs = node_addresses()
+    if len(set(addrs.values())) == len(addrs):  # nodes in their own network namespaces (start.sh)
+        # each rank bound the interface the other node reaches it through: loopback would have hung
+        first = addrs[sorted(addrs)[0]]
+        hvd = found["horovod_torch"]["environment"]["comm_env"]
+        assert hvd["HOROVOD_GLOO_RENDEZVOUS_ADDR"] == first and hvd["HOROVOD_GLOO_IFACE"] != "lo"
+        assert found["torch_ddp"]["environment"]["comm_env"]["GLOO_SOCKET_IFNAME"] != "lo"
+
+
+def test_distinct_node_addresses_when_namespaces_are_possible(cluster):
+    """start.sh gives every emulated node its own address where network namespaces work (root and
+    iproute2, as in CI), so a multi-node cell that binds the wrong interface fails here too."""
+    import os
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("ip") is None or os.environ.get("SCALING_SLURM_NETNS") == "0":
+        pytest.skip("network namespaces need root and iproute2")
+    addrs = node_addresses()
+    assert len(addrs) >= 2 and len(set(addrs.values())) == len(addrs), addrs
 
 
 def test_per_device_backends_run_one_task_per_device(tmp_path):

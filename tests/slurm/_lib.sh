@@ -114,3 +114,57 @@ log_tails() {
   done
   shopt -u nullglob
 }
+
+# ---- emulated nodes in network namespaces (SCALING_SLURM_NETNS) --------------------------------
+# Node I lives in namespace scal-nodeI with address 10.78.0.1I on eth0, a veth whose other end is
+# on the bridge scalbr0 (10.78.0.1, where slurmctld and the host's clients meet the nodes). The
+# filesystem, PIDs and the munge socket stay shared; loopback is each node's own.
+NETNS_PREFIX=scal-node
+NETNS_BRIDGE=scalbr0
+NETNS_NET=10.78.0
+NETNS_HOST=$NETNS_NET.1
+
+# netns_up N: create (or keep) the bridge and namespaces for nodes 1..N; fails when not possible.
+netns_up() {
+  local n=$1 i ns
+  command -v ip >/dev/null 2>&1 || { warn "no iproute2 (ip)"; return 1; }
+  if ! ip link show "$NETNS_BRIDGE" >/dev/null 2>&1; then
+    ip link add "$NETNS_BRIDGE" type bridge 2>/dev/null || { warn "cannot create bridge $NETNS_BRIDGE"; return 1; }
+    ip addr add "$NETNS_HOST/24" dev "$NETNS_BRIDGE"
+  fi
+  ip link set "$NETNS_BRIDGE" up
+  for ((i = 1; i <= n; i++)); do
+    ns=$NETNS_PREFIX$i
+    if ! ip netns pids "$ns" >/dev/null 2>&1; then
+      ip netns add "$ns" 2>/dev/null || { warn "cannot create network namespace $ns"; return 1; }
+    fi
+    if ! ip -n "$ns" link show eth0 >/dev/null 2>&1; then
+      ip link del "scn$i" 2>/dev/null || true
+      ip link add "scn$i" type veth peer name "scn${i}p"
+      ip link set "scn${i}p" netns "$ns"
+      ip -n "$ns" link set "scn${i}p" name eth0
+      ip -n "$ns" addr add "$NETNS_NET.$((10 + i))/24" dev eth0
+      ip link set "scn$i" master "$NETNS_BRIDGE"
+    fi
+    ip link set "scn$i" up
+    ip -n "$ns" link set eth0 up
+    ip -n "$ns" link set lo up
+    ip -n "$ns" route replace default via "$NETNS_HOST"  # the host's own addresses, not beyond
+  done
+}
+
+# netns_down: remove every namespace and the bridge netns_up made (after the slurmd's stopped).
+netns_down() {
+  local ns
+  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$NETNS_PREFIX[0-9]*$" || true); do
+    ip netns del "$ns" && log "removed network namespace $ns"
+  done
+  ip link del "$NETNS_BRIDGE" 2>/dev/null && log "removed bridge $NETNS_BRIDGE" || true
+}
+
+# in_node I CMD...: run CMD in node I's namespace when the cluster uses them (NETNS=1).
+in_node() {
+  local i=$1; shift
+  # nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup mount slurmd needs
+  if [ "${NETNS:-0}" = 1 ]; then nsenter --net="/run/netns/$NETNS_PREFIX$i" "$@"; else "$@"; fi
+}

@@ -107,6 +107,18 @@ def describe() -> SlurmCluster | None:
     )
 
 
+def node_addresses() -> dict[str, str]:
+    """Each node's NodeAddr (``scontrol show node``): 127.0.0.1 for all when the nodes share the
+    host's network, one 10.78.0.1I address each when start.sh put them in network namespaces."""
+    proc = _run(["scontrol", "show", "node", "-o"])
+    found = {}
+    for line in (proc.stdout if proc and proc.returncode == 0 else "").splitlines():
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        if "NodeName" in fields:
+            found[fields["NodeName"]] = fields.get("NodeAddr", fields["NodeName"])
+    return found
+
+
 def cluster_answers() -> bool:
     return describe() is not None
 

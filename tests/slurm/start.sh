@@ -16,6 +16,10 @@
 #   SCALING_SLURM_CPUS     CPUs per emulated node (oversubscribing real cores is fine) [2]
 #   SCALING_SLURM_GPUS     fake GPUs per node (0: no gres)                        [4]
 #   SCALING_SLURM_TIMEOUT  seconds to wait for the nodes to become idle           [90]
+#   SCALING_SLURM_NETNS    auto|1|0: each node in its own network namespace with its own
+#                          address (10.78.0.1I on bridge scalbr0, slurmctld at 10.78.0.1), so a
+#                          task that binds loopback cannot reach the other nodes; 0: all nodes
+#                          on 127.0.0.1; auto: namespaces when `ip netns` works     [auto]
 #
 # Writes /etc/slurm/slurm.conf and /etc/slurm/gres.conf (the place sinfo, sbatch and Hydra's
 # submitit look without extra environment); a pre-existing file not written by this script is
@@ -39,6 +43,8 @@ NODES=${SCALING_SLURM_NODES:-2}
 CPUS=${SCALING_SLURM_CPUS:-2}
 GPUS=${SCALING_SLURM_GPUS:-4}
 WAIT=${SCALING_SLURM_TIMEOUT:-90}
+NETNS=${SCALING_SLURM_NETNS:-auto}
+case "$NETNS" in auto | 0 | 1) ;; *) printf '[slurm] ERROR: SCALING_SLURM_NETNS=%s is not auto, 0 or 1\n' "$NETNS" >&2; exit 2 ;; esac
 for v in NODES CPUS GPUS WAIT; do
   [[ ${!v} =~ ^[0-9]+$ ]] || { printf '[slurm] ERROR: SCALING_SLURM_%s=%s is not a number\n' "$v" "${!v}" >&2; exit 2; }
 done
@@ -91,7 +97,23 @@ for pid in $(live_pids slurmctld); do
   fail "a slurmctld not started with this state dir ($STATE) is running (pid $pid${other:+, started by start.sh with SCALING_SLURM_DIR=$other}); stop it first (${other:+SCALING_SLURM_DIR=$other tests/slurm/stop.sh, or }systemctl stop slurmctld)"
 done
 
-# ---- 3. config ---------------------------------------------------------------------------------
+# ---- 3. network: one namespace per node (optional) ---------------------------------------------
+CTLD_ADDR=127.0.0.1
+if [ "$NETNS" != 0 ]; then
+  if netns_up "$NODES"; then
+    NETNS=1
+    CTLD_ADDR=$NETNS_HOST
+    log "network: node I at ${NETNS_NET}.1I in namespace ${NETNS_PREFIX}I, slurmctld at $CTLD_ADDR (bridge $NETNS_BRIDGE)"
+  elif [ "$NETNS" = 1 ]; then
+    fail "SCALING_SLURM_NETNS=1 but network namespaces cannot be made here (see above)"
+  else
+    NETNS=0
+    log "network: namespaces unavailable, all nodes on 127.0.0.1"
+  fi
+fi
+node_addr() { if [ "$NETNS" = 0 ]; then echo 127.0.0.1; else echo "${NETNS_NET}.$((10 + $1))"; fi; }
+
+# ---- 3b. config ---------------------------------------------------------------------------------
 mem_total=$(slurmd -C 2>/dev/null | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' | head -n1)
 [ -n "$mem_total" ] || mem_total=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
 MEM=$((mem_total * 9 / 10 / NODES))
@@ -103,10 +125,10 @@ if [ "$GPUS" -eq 1 ]; then GPU_RANGE=0; else GPU_RANGE="[0-$((GPUS - 1))]"; fi
 new_conf=$STATE/slurm.conf.new
 {
   echo "$MARK $STATE"
-  echo "# nodes=$NODES cpus/node=$CPUS gpus/node=$GPUS; regenerate with tests/slurm/start.sh"
+  echo "# nodes=$NODES cpus/node=$CPUS gpus/node=$GPUS netns=$NETNS; regenerate with tests/slurm/start.sh"
   cat <<EOF
 ClusterName=scaling
-SlurmctldHost=localhost(127.0.0.1)
+SlurmctldHost=localhost($CTLD_ADDR)
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort=6817
@@ -143,7 +165,7 @@ SlurmdParameters=config_overrides
 EOF
   [ "$GPUS" -gt 0 ] && echo "GresTypes=gpu"
   for ((i = 1; i <= NODES; i++)); do
-    echo "NodeName=node$i NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((6820 + i)) CPUs=$CPUS RealMemory=$MEM$GRES State=UNKNOWN"
+    echo "NodeName=node$i NodeHostname=localhost NodeAddr=$(node_addr "$i") Port=$((6820 + i)) CPUs=$CPUS RealMemory=$MEM$GRES State=UNKNOWN"
   done
   echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
 } >"$new_conf"
@@ -247,8 +269,8 @@ for ((i = 1; i <= NODES; i++)); do
   if pid=$(pid_of "$RUN_DIR/slurmd-$node.pid" slurmd); then
     log "slurmd $node: running (pid $pid)"
   else
-    log "slurmd $node: starting (port $((6820 + i)))"
-    slurmd -N "$node" 2>>"$LOG_DIR/slurmd-$node.stderr" 9>&- || fail "slurmd -N $node exited with $?"
+    log "slurmd $node: starting ($(node_addr "$i") port $((6820 + i)))"
+    in_node "$i" slurmd -N "$node" 2>>"$LOG_DIR/slurmd-$node.stderr" 9>&- || fail "slurmd -N $node exited with $?"
   fi
 done
 

@@ -4,7 +4,8 @@
 # SIGTERM via the pid files, SIGKILL after 15 s (SCALING_SLURM_STOP_GRACE). Idempotent.
 #
 #   tests/slurm/stop.sh           # stop; state dir (logs, job state, jobcomp file) is kept
-#   tests/slurm/stop.sh --purge   # also cancel all jobs first, remove the state dir and the
+#   tests/slurm/stop.sh --purge   # also cancel all jobs first, remove the state dir, the nodes'
+#                                 # network namespaces and bridge, and the
 #                                 # /etc/slurm/{slurm,gres}.conf start.sh wrote (restoring a backup)
 #
 # Environment: SCALING_SLURM_DIR (state dir, default /tmp/scaling-slurm).
@@ -18,7 +19,7 @@ PURGE=0
 for a in "$@"; do
   case "$a" in
     --purge) PURGE=1 ;;
-    -h | --help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) printf '[slurm] ERROR: unknown argument %s (try --help)\n' "$a" >&2; exit 2 ;;
   esac
 done
@@ -47,6 +48,7 @@ else
 fi
 
 if [ "$PURGE" -eq 1 ]; then
+  netns_down
   for name in slurm.conf gres.conf; do
     target=$CONF_DIR/$name
     if [ -e "$target" ] && grep -qF "$MARK $STATE" "$target"; then
