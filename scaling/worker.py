@@ -78,15 +78,10 @@ def run(cfg: dict[str, Any]) -> dict:
         if cfg["backend"].get("launcher") == "horovodrun" and "HOROVOD_RANK" not in os.environ:
             _horovod_under_srun(cfg, run_id)
     try:
-        from scaling import data
         from scaling.backends import RunContext, load_backend
         from scaling.geometry import plan
 
-        dcfg = cfg["data"]
-        log = _log if rank == 0 else _quiet
-        if dcfg["name"] in data.REAL_DATASETS:
-            data.fetch(dcfg["name"], dcfg.get("cache_dir"), offline=dcfg.get("offline") or None, log=log)
-        dataset = data.load(dcfg["name"], cache_dir=dcfg.get("cache_dir"), seed=cfg["seed"], log=log)
+        dataset = _dataset(cfg, rank)
         ctx = RunContext(config=cfg, dataset=dataset, geometry=plan(cfg), rank=rank, world_size=world,
                          local_rank=local_rank, local_world_size=local_world)
         backend = load_backend(cfg["backend"]["_target_"])(ctx)
@@ -120,6 +115,17 @@ def run(cfg: dict[str, Any]) -> dict:
         record = sinks.deliver(record, rank=rank, results_dir=cfg["results_dir"], summary=rank_summary,
                                tracker=tracker)
     return record
+
+
+def _dataset(cfg: dict, rank: int) -> Any:
+    """The run's dataset, fetched first when it is a real one (rank 0 says what it does)."""
+    from scaling import data
+
+    dcfg = cfg["data"]
+    log = _log if rank == 0 else _quiet
+    if dcfg["name"] in data.REAL_DATASETS:
+        data.fetch(dcfg["name"], dcfg.get("cache_dir"), offline=dcfg.get("offline") or None, log=log)
+    return data.load(dcfg["name"], cache_dir=dcfg.get("cache_dir"), seed=cfg["seed"], log=log)
 
 
 def _progress(cfg: dict, backend: Any, run_id: str, pcfg: ProtocolConfig) -> Progress | None:
@@ -273,10 +279,6 @@ def _handle_slurm_signals(cfg: dict, rank: int, run_id: str | None, interruption
 
     signal.signal(signal.SIGUSR2, handler)
     signal.signal(signal.SIGTERM, handler)
-
-
-#: the launcher's report is one of the record's sinks (scaling.comm.worker reports through this name)
-_report_to_launcher = sinks.report_to_launcher
 
 
 def announce(phase: str = "starting") -> None:
