@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scaling import analysis, records, sinks, sweep, tracking
-from scaling.protocol import Measurement, ProtocolConfig
+from scaling import records, sinks, tracking
 
 ROOT = Path(__file__).resolve().parent.parent
 #: only the config's ``logger.api_key`` names it as a secret; a library's error repeats it
@@ -45,16 +44,6 @@ class _Keeper:
 
     def update(self, *args, **kwargs) -> None:
         self.payload.append((self.name, args, kwargs))
-
-
-def _metrics() -> dict:
-    m = Measurement(ProtocolConfig(warmup_steps=0), global_batch=64, devices=1)
-    m.epoch_begin(0)
-    m.step_begin()
-    m.step_end()
-    m.epoch_end(0)
-    m.evaluated(0, 0.3, 0.9, 0.01)
-    return m.result(process_start=None)
 
 
 def _config(results_dir: Path, overrides: list[str]) -> dict:
@@ -108,44 +97,10 @@ def test_every_sink_gets_the_scrubbed_record(tmp_path, monkeypatch):
 def test_a_rank_other_than_0_reports_to_its_launcher_only(tmp_path, monkeypatch):
     monkeypatch.setenv("SCALING_RUN_DIR", str(tmp_path / "run"))
     record = records.make_record(run_id="r1", group="runs", config=_config(tmp_path / "results", []),
-                                 environment=records.capture_environment(), metrics=_metrics(), error=None)
+                                 environment=records.capture_environment(), metrics=None, error="rank 1: boom")
     public = sinks.deliver(record, rank=1, results_dir=tmp_path / "results")
     assert "path" not in public
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["rank1.exit.json"]
-
-
-def test_the_saved_config_round_trips_and_is_no_record_to_any_reader(tmp_path):
-    ok = records.make_record(run_id="c1", group="s", environment=records.capture_environment(), metrics=_metrics(),
-                             error=None, config=_config(tmp_path, ["backend=torch", "devices=1", "sweep_id=s"]))
-    failed = records.make_record(run_id="c2", group="s", environment=records.capture_environment(), metrics=None,
-                                 error="rank 0: boom", config=_config(tmp_path, []))
-    for rec in (ok, failed):
-        records.write_record(rec, tmp_path)
-        records.write_run_config(rec, tmp_path)
-    sweep.note_invalid(tmp_path, "s", "c3", "backend=torch trains on 1 device(s), not 2")
-    folder = records.config_folder(tmp_path, "s", "c1")
-    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "overrides.yaml"]
-    assert yaml.safe_load((folder / "overrides.yaml").read_text()) == ["backend=torch", "devices=1", "sweep_id=s"]
-    expected = {k: v for k, v in ok["config"].items() if k != "overrides"}
-    expected["logger"] = {**expected["logger"], "api_key": "***"}
-    assert yaml.safe_load((folder / "config.yaml").read_text()) == expected
-    assert yaml.safe_load((records.config_folder(tmp_path, "s", "c2") / "overrides.yaml").read_text()) == []
-
-    # every reader of records sees the two records and nothing else
-    assert [p.name for p, _ in records.read_records(tmp_path)] == ["c1.json", "c2.json"]
-    for root in (tmp_path, tmp_path / "s"):  # `scaling results show|export`, `scaling report`: a results or sweep folder
-        loaded = analysis.load(root)
-        assert loaded.problems == [] and loaded.files_seen == 2 and len(loaded.records) == 2
-    assert sweep.finished(tmp_path, "s", "c1")["run_id"] == "c1" and sweep.failed_cells(tmp_path, "s") == ["c2"]
-    assert sweep.invalid_cells(tmp_path) == {"s/c3": "backend=torch trains on 1 device(s), not 2"}
-
-
-def test_the_config_is_never_written_outside_the_results_folder(tmp_path):
-    rec = records.make_record(run_id="../../escaped", group="s", config=_config(tmp_path, []),
-                              environment=records.capture_environment(), metrics=None, error="boom")
-    with pytest.raises(records.RecordError, match="outside the results folder"):
-        records.write_run_config(rec, tmp_path / "results")
-    assert not list(tmp_path.rglob("*.yaml"))
 
 
 @pytest.mark.multiprocess
