@@ -1,5 +1,6 @@
 """What one worker process does: check the config, load the data, build the backend, train under
-the protocol, and (rank 0) write the record and print the summary."""
+the protocol, then build the run's record once and hand it to its sinks (``scaling.sinks``: the
+launcher's report, and on rank 0 the JSON record, the config beside it and W&B)."""
 from __future__ import annotations
 
 import os
