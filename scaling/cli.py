@@ -53,8 +53,9 @@ def _hydra_run() -> int:
 
         from scaling import worker
 
-        plain = OmegaConf.to_container(cfg, resolve=True)
         hc = HydraConfig.get()
+        # the command line's overrides travel with the config; rank 0 saves both beside the record
+        plain = {**OmegaConf.to_container(cfg, resolve=True), "overrides": [str(o) for o in hc.overrides.task]}
         if hc.mode == RunMode.MULTIRUN:
             from scaling.sweep import run_cell
 
@@ -189,9 +190,7 @@ def _slurm_sweep(overrides: list[str], wait: bool = False) -> int:
         summary_table(results_dir, sweep_id)
         build_dashboard(results_dir)
         if (cfg.get("logger") or {}).get("name") == "wandb":
-            from scaling.tracking import log_sweep_summary
-
-            from scaling.tracking import say_sweep_runs
+            from scaling.tracking_sweep import log_sweep_summary, say_sweep_runs
 
             log_sweep_summary(cfg, sweep_id)  # never raises
             say_sweep_runs(results_dir)

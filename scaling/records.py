@@ -1,7 +1,9 @@
 """Result records: one JSON file per run, a versioned schema, written atomically.
 
 A record is plain data. The report, W&B and the tests all read these files, never a framework.
-Layout: ``<results_dir>/<group>/<run_id>.json`` (``group`` is the sweep id, or ``runs``).
+Layout: ``<results_dir>/<group>/<run_id>.json`` (``group`` is the sweep id, or ``runs``), and beside
+it ``<run_id>.hydra/`` with the run's composed config and its overrides, as Hydra names them in its
+own output folder (``config.yaml``, ``overrides.yaml``). Only ``*/*.json`` files are records.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 SCHEMA_VERSION = 1
 
@@ -195,9 +197,51 @@ def write_record(record: dict, results_dir: str | Path) -> Path:
     return path
 
 
+#: the folder beside a record holding its config, named as Hydra names its own (``.hydra``)
+CONFIG_SUFFIX = ".hydra"
+
+
+def config_folder(results_dir: str | Path, group: str, run_id: str) -> Path:
+    """``<results_dir>/<group>/<run_id>.hydra``: where the run's config and overrides are saved."""
+    return inside(results_dir, group, f"{run_id}{CONFIG_SUFFIX}")
+
+
+def write_run_config(record: dict, results_dir: str | Path) -> Path:
+    """Save the config the record ran with beside it, as Hydra saves a job's: ``config.yaml`` (the
+    composed, resolved config) and ``overrides.yaml`` (the command line's overrides, the config's
+    ``overrides`` key; an empty list when none were given). Returns the folder."""
+    folder = config_folder(results_dir, record["group"], record["run_id"])
+    config = dict(record["config"])
+    overrides = list(config.pop("overrides", None) or [])
+    write_yaml_atomic(folder / "config.yaml", config)
+    write_yaml_atomic(folder / "overrides.yaml", overrides)
+    return folder
+
+
 def write_json_atomic(path: Path, body: Any) -> None:
+    """Write ``body`` as strict JSON (no NaN or Infinity), atomically (see _write_atomic)."""
+    def dump(clean: Any, fh: Any) -> None:
+        json.dump(clean, fh, indent=1, sort_keys=False, default=_json_default, allow_nan=False)
+        fh.write("\n")
+
+    _write_atomic(path, body, dump)
+
+
+def write_yaml_atomic(path: Path, body: Any) -> None:
+    """Write ``body`` as YAML in its own key order, as Hydra writes configs, atomically."""
+    import yaml
+
+    def dump(clean: Any, fh: Any) -> None:
+        plain = json.loads(json.dumps(clean, default=_json_default, allow_nan=False))  # numpy scalars, paths
+        yaml.safe_dump(plain, fh, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+    _write_atomic(path, body, dump)
+
+
+def _write_atomic(path: Path, body: Any, dump: Callable[[Any, Any], None]) -> None:
     """A temp file in the same folder, fsync, rename over the target: a reader (or a crash) sees
-    either no file or the whole file, never half of one."""
+    either no file or the whole file, never half of one. ``body`` is scrubbed of secrets first,
+    whoever writes (the worker's record has been scrubbed already; the launcher's config has not)."""
     from scaling.secrets import scrub_secrets
 
     body = scrub_secrets(body)  # no API key reaches a record, a config snapshot or a report input
@@ -205,8 +249,7 @@ def write_json_atomic(path: Path, body: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(body, fh, indent=1, sort_keys=False, default=_json_default, allow_nan=False)
-            fh.write("\n")
+            dump(body, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; records are for every reader of the results

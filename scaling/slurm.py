@@ -205,6 +205,7 @@ def render_command(argv: list[str]) -> int:
             print(f"skipped {combo}: {unrunnable(cfg)}", file=sys.stderr)
             continue
         cfg["group"] = cfg.get("sweep_id") or "adhoc"
+        cfg["overrides"] = list(combo)  # saved beside the record, as `scaling run` and `scaling sweep` save theirs
         try:
             path = render_cell(cfg, cell_id(cfg, combo), Path(args.out))
         except RenderError as exc:

@@ -274,9 +274,7 @@ class SweepSummary(Callback):
         if not os.environ.get("SLURM_JOB_ID"):
             build_dashboard(config.results_dir)
         if (config.get("logger") or {}).get("name") == "wandb":
-            from scaling.tracking import log_sweep_summary
-
-            from scaling.tracking import say_sweep_runs
+            from scaling.tracking_sweep import log_sweep_summary, say_sweep_runs
 
             log_sweep_summary(config, config.get("sweep_id") or "adhoc")  # never raises
             say_sweep_runs(config.results_dir)

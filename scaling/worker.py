@@ -1,5 +1,6 @@
 """What one worker process does: check the config, load the data, build the backend, train under
-the protocol, and (rank 0) write the record and print the summary."""
+the protocol, then build the run's record once and hand it to its sinks (``scaling.sinks``: the
+launcher's report, and on rank 0 the JSON record, the config beside it and W&B)."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from scaling import config as config_mod
-from scaling import records, tracking
+from scaling import records, sinks, tracking
 from scaling.placement import Placement
 from scaling.protocol import Measurement, Progress, ProtocolConfig, process_start_time
 
@@ -68,12 +69,7 @@ def run(cfg: dict[str, Any]) -> dict:
     placer = Placement(cfg, local_rank, local_world, pcfg.warmup_steps)
     pinned = placer.apply()
     group = cfg.get("group") or "runs"
-    env: dict[str, Any] = {}
-    metrics = None
-    error = None
-    backend = None
-    progress = None
-    tracker = None
+    metrics = error = backend = progress = tracker = None
     rank_summary: dict[str, Any] = {}
     run_id = cfg.get("run_name") or None
     interruption: dict[str, Any] = {}
@@ -83,15 +79,10 @@ def run(cfg: dict[str, Any]) -> dict:
         if cfg["backend"].get("launcher") == "horovodrun" and "HOROVOD_RANK" not in os.environ:
             _horovod_under_srun(cfg, run_id)
     try:
-        from scaling import data
         from scaling.backends import RunContext, load_backend
         from scaling.geometry import plan
 
-        dcfg = cfg["data"]
-        log = _log if rank == 0 else _quiet
-        if dcfg["name"] in data.REAL_DATASETS:
-            data.fetch(dcfg["name"], dcfg.get("cache_dir"), offline=dcfg.get("offline") or None, log=log)
-        dataset = data.load(dcfg["name"], cache_dir=dcfg.get("cache_dir"), seed=cfg["seed"], log=log)
+        dataset = _dataset(cfg, rank)
         ctx = RunContext(config=cfg, dataset=dataset, geometry=plan(cfg), rank=rank, world_size=world,
                          local_rank=local_rank, local_world_size=local_world)
         backend = load_backend(cfg["backend"]["_target_"])(ctx)
@@ -100,34 +91,16 @@ def run(cfg: dict[str, Any]) -> dict:
         # a backend that starts its own processes (Lightning) knows the rank only now
         rank = getattr(backend, "rank", rank)
         run_id = run_id or default_run_id(cfg, ctx.geometry.devices)
-        if rank == 0 and cfg.get("progress", True):
-            steps = backend.steps_per_epoch
-            limit = cfg["train"].get("max_steps_per_epoch")
-            steps = min(steps, limit) if limit else steps
-            progress = Progress(steps * int(cfg["train"]["epochs"]), run_id, every=pcfg.log_every)
-        tracker_start_s = None
-        if rank == 0:
-            t0 = time.time()
-            tracker = tracking.make_tracker(cfg, run_id, group)  # None unless logger=wandb
-            tracker_start_s = time.time() - t0 if tracker else None
+        progress = _progress(cfg, backend, run_id, pcfg) if rank == 0 else None
+        tracker, tracker_start_s = _start_tracker(cfg, run_id, group) if rank == 0 else (None, None)
         meter = Measurement(pcfg, global_batch=ctx.geometry.global_batch, devices=ctx.geometry.devices,
                             sync=backend.sync, device_memory_peak=backend.device_memory_peak,
                             observers=[o for o in (progress, tracker, placer) if o],
                             events=getattr(backend, "step_events", lambda: None)())
         backend.train(meter)
-        metrics = meter.result(process_start)
-        metrics["steps_per_epoch"] = backend.steps_per_epoch
-        metrics["per_device_batch"] = ctx.geometry.per_device_batch
-        metrics["lr"] = ctx.geometry.lr
-        if tracker_start_s is not None and metrics["startup_s"] is not None:
-            # W&B's start (bounded by logger.init_timeout) is the tracker's, not the framework's
-            metrics["startup_s"] -= tracker_start_s
-            metrics["tracker_start_s"] = tracker_start_s
+        metrics, error = _figures(meter, backend, ctx.geometry, process_start, tracker_start_s, rank)
         digest = getattr(backend, "param_digests", None)
         rank_summary["param_digests"] = digest() if digest else None
-        error = _not_measured(meter, metrics, rank)
-        if error:
-            metrics = None  # the figures of a diverged or unmeasured run are not results
     except Interrupted as exc:
         error = f"rank {rank}: {exc}"
     except KeyboardInterrupt:
@@ -138,37 +111,80 @@ def run(cfg: dict[str, Any]) -> dict:
     finally:
         if progress:
             progress.close()
-        if backend is not None:
-            try:
-                env = backend.environment()
-            except Exception as exc:  # a broken probe must not cost the record, but is said
-                _log(f"[worker] rank {rank}: environment probe failed ({type(exc).__name__}: {exc}); "
-                     "the record has no framework versions")
-                env = {}
-        if metrics is not None:
-            metrics["conditions"] = run_conditions(cfg, env, pinned, backend)
-            if hasattr(backend, "fast_mode"):  # what the fast modes actually ran (graphs, XLA, steps per call)
-                metrics["fast_mode"] = backend.fast_mode()
-        env["settings"] = settings_of(cfg, backend)
-        env["placement"] = placer.describe()
-        record = records.make_record(
-            run_id=run_id or default_run_id(cfg, world),
-            group=group,
-            config=cfg,
-            environment=records.capture_environment(env.pop("frameworks", None), env.pop("gpu", None)) | env,
-            metrics=metrics,
-            error=error,
-        )
-        record["environment"].update(rank=rank, world_size=world, pinned_cpus=pinned)
-        if interruption:
-            record["interruption"] = dict(interruption)
-        record = tracking.scrub_secrets(record)  # no API key in a record (argv, config overrides)
-        _report_to_launcher(rank, record, rank_summary)
-        if rank == 0:
-            path = records.write_record(record, cfg["results_dir"])
-            record["path"] = str(path)
-        if tracker:
-            tracker.finish(record)  # after the record is safe; never raises, bounded by finish_timeout
+        record = build_record(cfg, run_id or default_run_id(cfg, world), group, backend, placer, metrics, error,
+                              rank=rank, world=world, pinned=pinned, interruption=interruption)
+        record = sinks.deliver(record, rank=rank, results_dir=cfg["results_dir"], summary=rank_summary,
+                               tracker=tracker)
+    return record
+
+
+def _dataset(cfg: dict, rank: int) -> Any:
+    """The run's dataset, fetched first when it is a real one (rank 0 says what it does)."""
+    from scaling import data
+
+    dcfg = cfg["data"]
+    log = _log if rank == 0 else _quiet
+    if dcfg["name"] in data.REAL_DATASETS:
+        data.fetch(dcfg["name"], dcfg.get("cache_dir"), offline=dcfg.get("offline") or None, log=log)
+    return data.load(dcfg["name"], cache_dir=dcfg.get("cache_dir"), seed=cfg["seed"], log=log)
+
+
+def _progress(cfg: dict, backend: Any, run_id: str, pcfg: ProtocolConfig) -> Progress | None:
+    """Rank 0's progress line over every step the run will train, unless ``progress=false``."""
+    if not cfg.get("progress", True):
+        return None
+    steps = backend.steps_per_epoch
+    limit = cfg["train"].get("max_steps_per_epoch")
+    steps = min(steps, limit) if limit else steps
+    return Progress(steps * int(cfg["train"]["epochs"]), run_id, every=pcfg.log_every)
+
+
+def _start_tracker(cfg: dict, run_id: str, group: str) -> tuple[Any, float | None]:
+    """Rank 0's W&B run (None unless logger=wandb) and the seconds its start took (None without one)."""
+    t0 = time.time()
+    tracker = tracking.make_tracker(cfg, run_id, group)
+    return tracker, (time.time() - t0 if tracker else None)
+
+
+def _figures(meter: Measurement, backend: Any, geometry: Any, process_start: float | None,
+             tracker_start_s: float | None, rank: int) -> tuple[dict | None, str | None]:
+    """(metrics, None) of a run that trained and measured, or (None, why not)."""
+    metrics = meter.result(process_start)
+    metrics["steps_per_epoch"] = backend.steps_per_epoch
+    metrics["per_device_batch"] = geometry.per_device_batch
+    metrics["lr"] = geometry.lr
+    if tracker_start_s is not None and metrics["startup_s"] is not None:
+        # W&B's start (bounded by logger.init_timeout) is the tracker's, not the framework's
+        metrics["startup_s"] -= tracker_start_s
+        metrics["tracker_start_s"] = tracker_start_s
+    error = _not_measured(meter, metrics, rank)
+    return (None, error) if error else (metrics, None)  # a diverged or unmeasured run's figures are no results
+
+
+def build_record(cfg: dict, run_id: str, group: str, backend: Any, placer: Placement, metrics: dict | None,
+                 error: str | None, *, rank: int, world: int, pinned: list[int] | None,
+                 interruption: dict | None = None) -> dict:
+    """The run's one record, built once: the figures (or the error), the conditions they were
+    measured under, and the environment (the backend's probes, the placement, this rank)."""
+    env: dict[str, Any] = {}
+    if backend is not None:
+        try:
+            env = backend.environment()
+        except Exception as exc:  # a broken probe must not cost the record, but is said
+            _log(f"[worker] rank {rank}: environment probe failed ({type(exc).__name__}: {exc}); "
+                 "the record has no framework versions")
+    if metrics is not None:
+        metrics["conditions"] = run_conditions(cfg, env, pinned, backend)
+        if hasattr(backend, "fast_mode"):  # what the fast modes actually ran (graphs, XLA, steps per call)
+            metrics["fast_mode"] = backend.fast_mode()
+    env["settings"] = settings_of(cfg, backend)
+    env["placement"] = placer.describe()
+    environment = records.capture_environment(env.pop("frameworks", None), env.pop("gpu", None)) | env
+    environment.update(rank=rank, world_size=world, pinned_cpus=pinned)
+    record = records.make_record(run_id=run_id, group=group, config=cfg, environment=environment,
+                                 metrics=metrics, error=error)
+    if interruption:
+        record["interruption"] = dict(interruption)
     return record
 
 
@@ -269,17 +285,6 @@ def _handle_slurm_signals(cfg: dict, rank: int, run_id: str | None, interruption
 
     signal.signal(signal.SIGUSR2, handler)
     signal.signal(signal.SIGTERM, handler)
-
-
-def _report_to_launcher(rank: int, record: dict, summary: dict) -> None:
-    """Tell the launcher (when there is one) this rank finished, and how: ``rank<r>.exit.json``."""
-    run_dir = os.environ.get("SCALING_RUN_DIR")
-    if not run_dir:
-        return
-    m = record["metrics"] or {}
-    body = {"rank": rank, "status": record["status"], "error": record["error"], "host": socket.gethostname(),
-            "pid": os.getpid(), "samples_per_s": m.get("samples_per_s"), **summary}
-    records.write_json_atomic(Path(run_dir) / f"rank{rank}.exit.json", body)
 
 
 def announce(phase: str = "starting") -> None:

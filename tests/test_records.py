@@ -1,10 +1,11 @@
-"""Records: schema validation and atomic writes."""
+"""Records: schema validation, atomic writes, and the config saved beside each record."""
 import json
 import os
 
 import pytest
+import yaml
 
-from scaling import records
+from scaling import analysis, records, sweep
 from scaling.protocol import Measurement, ProtocolConfig
 
 
@@ -65,3 +66,41 @@ def test_rewrite_replaces_whole_record(tmp_path):
     records.write_record(_record(), tmp_path)
     records.write_record(_record(metrics=None, error="later failure"), tmp_path)
     assert json.loads((tmp_path / "runs" / "r1.json").read_text())["status"] == "failed"
+
+
+# ---- the config saved beside a record -------------------------------------------------------
+
+def _config(overrides):
+    return {"backend": {"name": "torch"}, "devices": 1, "logger": {"name": "wandb", "api_key": "plantedkey0123456789"},
+            "overrides": overrides}
+
+
+def test_the_saved_config_round_trips_and_is_no_record_to_any_reader(tmp_path):
+    ok = _record(run_id="c1", group="s", config=_config(["backend=torch", "devices=1", "sweep_id=s"]))
+    failed = _record(run_id="c2", group="s", config=_config([]), metrics=None, error="rank 0: boom")
+    for rec in (ok, failed):
+        records.write_record(rec, tmp_path)
+        records.write_run_config(rec, tmp_path)
+    sweep.note_invalid(tmp_path, "s", "c3", "backend=torch trains on 1 device(s), not 2")
+    folder = records.config_folder(tmp_path, "s", "c1")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "overrides.yaml"]
+    assert yaml.safe_load((folder / "overrides.yaml").read_text()) == ["backend=torch", "devices=1", "sweep_id=s"]
+    expected = {k: v for k, v in ok["config"].items() if k != "overrides"}
+    expected["logger"] = {**expected["logger"], "api_key": "***"}
+    assert yaml.safe_load((folder / "config.yaml").read_text()) == expected
+    assert yaml.safe_load((records.config_folder(tmp_path, "s", "c2") / "overrides.yaml").read_text()) == []
+
+    # every reader of records sees the two records and nothing else
+    assert [p.name for p, _ in records.read_records(tmp_path)] == ["c1.json", "c2.json"]
+    for root in (tmp_path, tmp_path / "s"):  # `scaling results show|export`, `scaling report`: a results or sweep folder
+        loaded = analysis.load(root)
+        assert loaded.problems == [] and loaded.files_seen == 2 and len(loaded.records) == 2
+    assert sweep.finished(tmp_path, "s", "c1")["run_id"] == "c1" and sweep.failed_cells(tmp_path, "s") == ["c2"]
+    assert sweep.invalid_cells(tmp_path) == {"s/c3": "backend=torch trains on 1 device(s), not 2"}
+
+
+def test_the_config_is_never_written_outside_the_results_folder(tmp_path):
+    rec = _record(run_id="../../escaped", group="s", config=_config([]))
+    with pytest.raises(records.RecordError, match="outside the results folder"):
+        records.write_run_config(rec, tmp_path / "results")
+    assert not list(tmp_path.rglob("*.yaml"))

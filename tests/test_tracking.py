@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from scaling import records, tracking
+from scaling import records, tracking, tracking_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 #: 40 characters like a real W&B key; offline runs never send it anywhere
@@ -194,25 +195,25 @@ def test_sweep_rows_speedup_and_efficiency_against_the_median_at_one_device():
     recs = [_rec("ddp", 1, 100.0), _rec("ddp", 1, 300.0, repeat=1), _rec("ddp", 1, 150.0, repeat=2),
             _rec("ddp", 2, 300.0), _rec("ddp", 4, 400.0),
             _rec("ddp", 4, 0.0, repeat=1, status="failed"), _rec("hvd", 2, 50.0), _rec("hvd", 4, 75.0)]
-    rows = {r["cell"]: r for r in tracking.sweep_rows(recs)}
-    assert len(rows) == 8 and list(tracking.TABLE_COLUMNS) == list(next(iter(rows.values())))
+    rows = {r["cell"]: r for r in tracking_sweep.sweep_rows(recs)}
+    assert len(rows) == 8 and list(tracking_sweep.TABLE_COLUMNS) == list(next(iter(rows.values())))
     assert rows["ddp-n2-r0"]["speedup"] == pytest.approx(2.0)  # 300 / median(100, 300, 150)
     assert rows["ddp-n2-r0"]["efficiency"] == pytest.approx(1.0)
     assert rows["ddp-n4-r0"]["efficiency"] == pytest.approx(400 / 150 / 4)
     assert rows["hvd-n4-r0"]["speedup"] is None  # no N = 1 run: no speedup (not one over its fewest devices)
     assert rows["ddp-n4-r1"]["speedup"] is None and rows["ddp-n4-r1"]["error"] == "boom"
     assert rows["ddp-n2-r0"]["layout"] == "2x1" and rows["ddp-n2-r0"]["variant"] == "defaults"
-    xs, ys, keys = tracking.sweep_lines(list(rows.values()), "samples_per_s")
+    xs, ys, keys = tracking_sweep.sweep_lines(list(rows.values()), "samples_per_s")
     # the median of the repeats, never their mean (rates)
     assert keys == ["ddp", "hvd"] and xs == [[1, 2, 4], [2, 4]] and ys == [[150.0, 300.0, 400.0], [50.0, 75.0]]
     # a layout of its own: 2 devices on 2 nodes is a line apart from 4 devices on 1 node
     two_nodes = _rec("ddp", 2, 380.0, repeat=0)
     two_nodes["config"]["cluster"]["nodes"] = 2
     two_nodes["run_id"] = "ddp-n2x2-r0"
-    _, _, keys = tracking.sweep_lines(tracking.sweep_rows(recs + [two_nodes]), "speedup")
+    _, _, keys = tracking_sweep.sweep_lines(tracking_sweep.sweep_rows(recs + [two_nodes]), "speedup")
     assert keys == ["ddp/1 nodes", "ddp/2 nodes"]
     # a second workload splits the lines
-    _, _, keys = tracking.sweep_lines(tracking.sweep_rows(recs + [_rec("ddp", 1, 10.0, workload="cnn")]), "speedup")
+    _, _, keys = tracking_sweep.sweep_lines(tracking_sweep.sweep_rows(recs + [_rec("ddp", 1, 10.0, workload="cnn")]), "speedup")
     assert keys == ["ddp/cnn", "ddp/mlp"]  # hvd has no N = 1 run, so no speedup line
 
 
@@ -298,6 +299,10 @@ def test_api_key_is_in_no_file_and_no_output(offline_run):
         assert secret not in proc.stdout and secret not in proc.stderr
     assert rec["config"]["logger"]["api_key"] == "***"
     assert "+logger.api_key=***" in rec["environment"]["argv"]
+    # the config and overrides saved beside the record are scrubbed too
+    folder = records.config_folder(tmp, rec["group"], rec["run_id"])
+    assert "+logger.api_key=***" in yaml.safe_load((folder / "overrides.yaml").read_text())
+    assert yaml.safe_load((folder / "config.yaml").read_text())["logger"]["api_key"] == "***"
 
 
 def _closed_port() -> int:

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from scaling import analysis, report, report_cells, tracking, verdicts
+from scaling import analysis, report, report_cells, tracking_sweep, verdicts
 from scaling.results import results_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -216,7 +216,7 @@ def test_every_reader_prints_the_same_speedup(tmp_path):
     [study] = report.studies(cells, bootstrap=0)
     dashboard = study.agg.set_index(["backend", "N"])["speedup"]
     # the W&B sweep summary's speedup lines
-    xs, ys, keys = tracking.sweep_lines(tracking.sweep_rows(loaded.records), "speedup")
+    xs, ys, keys = tracking_sweep.sweep_lines(tracking_sweep.sweep_rows(loaded.records), "speedup")
     wandb = {(k, x): y for k, xline, yline in zip(keys, xs, ys) for x, y in zip(xline, yline)}
     # bench/backends.py
     bench = {k: v["speedup"] for k, v in _bench().summarize(loaded.records).items()}

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from scaling import comm, records, tracking
+from scaling import comm, records, sinks, tracking
 from scaling import worker as train_worker
 from scaling.placement import Placement
 
@@ -89,10 +89,8 @@ def run(cfg: dict[str, Any]) -> dict:
             environment=records.capture_environment(env.pop("frameworks", None), env.pop("gpu", None)) | env,
             metrics=metrics, error=error)
         record["environment"].update(rank=rank, world_size=world, pinned_cpus=pinned)
-        record = tracking.scrub_secrets(record)
-        train_worker._report_to_launcher(rank, record, {})
+        record = sinks.deliver(record, rank=rank, results_dir=cfg["results_dir"])
         if rank == 0:
-            record["path"] = str(records.write_record(record, cfg["results_dir"]))
             tracking.log_comm_run(cfg, record)  # never raises
     return record
 
