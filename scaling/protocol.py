@@ -180,6 +180,8 @@ class Measurement:
             o.epoch_begin(epoch)
 
     def step_begin(self) -> None:
+        for o in self._observers:
+            o.step_begin()
         self._step_start = self._clock()
         if self._events is not None and not self._pending:
             self._chain_mark = self._events.mark()
@@ -362,6 +364,9 @@ class Observer:
 
     def epoch_begin(self, epoch: int) -> None:
         pass
+
+    def step_begin(self) -> None:
+        """Just before each call of steps is timed (the rank clock marks it)."""
 
     def advance(self, steps: int) -> None:
         pass

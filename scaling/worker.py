@@ -14,6 +14,7 @@ from scaling import config as config_mod
 from scaling import records, tracking
 from scaling.placement import Placement
 from scaling.protocol import Measurement, Progress, ProtocolConfig, process_start_time
+from scaling.rank_clock import RankClock
 
 
 def rank_info() -> tuple[int, int, int, int]:
@@ -110,9 +111,11 @@ def run(cfg: dict[str, Any]) -> dict:
             t0 = time.time()
             tracker = tracking.make_tracker(cfg, run_id, group)  # None unless logger=wandb
             tracker_start_s = time.time() - t0 if tracker else None
+        clock = RankClock(pcfg.warmup_steps)  # per-rank step timestamps: waiting for the slowest rank
+        clock.attach(backend)
         meter = Measurement(pcfg, global_batch=ctx.geometry.global_batch, devices=ctx.geometry.devices,
                             sync=backend.sync, device_memory_peak=backend.device_memory_peak,
-                            observers=[o for o in (progress, tracker, placer) if o],
+                            observers=[o for o in (progress, tracker, placer, clock) if o],
                             events=getattr(backend, "step_events", lambda: None)())
         backend.train(meter)
         metrics = meter.result(process_start)
@@ -125,6 +128,7 @@ def run(cfg: dict[str, Any]) -> dict:
             metrics["tracker_start_s"] = tracker_start_s
         digest = getattr(backend, "param_digests", None)
         rank_summary["param_digests"] = digest() if digest else None
+        rank_summary["rank_clock"] = clock.series(meter.sync_every)
         error = _not_measured(meter, metrics, rank)
         if error:
             metrics = None  # the figures of a diverged or unmeasured run are not results
