@@ -100,7 +100,8 @@ def table(cells: pd.DataFrame, comm_rows: pd.DataFrame, clocks: dict[str, dict],
         notes = sorted({f["note"] for f in figures if f and f.get("note")})
         waiting_note = ("; ".join(notes) if notes else
                         None if n == 1 or not math.isnan(waiting) else
-                        f"waiting unmeasured for {backend}: no per-rank timestamps in its records")
+                        f"waiting unmeasured for {backend}: no per-rank timestamps (one process holding "
+                        "every replica, a Slurm run, or an older record)")
         row = {**k, "step_s": step, "compute_s": compute, "transfer_s": math.nan if transfer is None else transfer,
                "transfer_source": source, "waiting_s": waiting, "waiting_note": waiting_note,
                **split(step, compute, transfer, None if math.isnan(waiting) else waiting),
@@ -121,10 +122,40 @@ def reference_step(ok: pd.DataFrame, key: dict[str, Any], reference: str) -> flo
     return float(ok.loc[same, "step_s"].median()) if same.any() else math.nan
 
 
-def load(results_dir: Any) -> pd.DataFrame:
-    """The decomposition of every training cell under ``results_dir`` (comm records included)."""
+def for_results(results_dir: Any, loaded: analysis.Loaded, cells: pd.DataFrame) -> pd.DataFrame:
+    """The decomposition of ``cells`` (records already loaded), with the comm records of ``results_dir``."""
     from scaling import report_comm
 
-    loaded = analysis.load(results_dir)
-    cells = analysis.tidy(loaded.records, loaded.paths)
     return table(cells, report_comm.load(results_dir), clocks_by_run(loaded.records))
+
+
+def join(agg: pd.DataFrame, where: pd.DataFrame) -> pd.DataFrame:
+    """The aggregate table with the decomposition's columns (``scaling results export --table aggregate``)."""
+    if agg.empty or where.empty:
+        return agg
+    return agg.merge(where[analysis.AGG_KEYS + COLUMNS], on=analysis.AGG_KEYS, how="left")
+
+
+def load(results_dir: Any) -> pd.DataFrame:
+    """The decomposition of every training cell under ``results_dir`` (comm records included)."""
+    loaded = analysis.load(results_dir)
+    return for_results(results_dir, loaded, analysis.tidy(loaded.records, loaded.paths))
+
+
+#: the parts of a step a sweep's W&B summary run carries, per backend and N
+SUMMARY_PARTS = ("step_s", "compute_s", "transfer_s", "waiting_s", "overhead_s", "ideal_floor_s", "reference_floor_s")
+
+
+def summary_values(where: pd.DataFrame, sweep: str) -> dict[str, float]:
+    """W&B summary values of one sweep's decomposition: ``where/<backend>/N<n>/<part>`` (seconds),
+    known figures only (several studies in one sweep: their workload and scaling join the key)."""
+    mine = where[where["sweep"] == sweep] if not where.empty else where
+    many = mine[["workload", "workload_params", "scaling", "variant"]].drop_duplicates().shape[0] > 1 if not mine.empty else False
+    out = {}
+    for r in mine.to_dict("records"):
+        study = f"{r['workload']}-{r['scaling']}-{r['variant']}/" if many else ""
+        for part in SUMMARY_PARTS:
+            value = r.get(part)
+            if isinstance(value, (int, float)) and not math.isnan(value):
+                out[f"where/{study}{r['backend']}/N{int(r['N'])}/{part}"] = float(value)
+    return out

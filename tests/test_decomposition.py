@@ -163,6 +163,21 @@ def test_rank_clock_keeps_timed_steps_and_the_collective_marks():
     assert not rank_clock.RankClock(0).attach(object())  # no hook: nothing marked
 
 
+def test_rank_clock_under_the_protocol_times_the_same_steps_as_the_measurement():
+    from scaling.protocol import Measurement, ProtocolConfig
+
+    clock = rank_clock.RankClock(warmup_steps=2)
+    meter = Measurement(ProtocolConfig(warmup_steps=2, log_every=0), global_batch=8, devices=1, observers=[clock])
+    meter.epoch_begin(0)
+    for _ in range(5):
+        meter.step_begin()
+        meter.step_end()
+    meter.epoch_end(0)
+    s = clock.series(meter.sync_every)
+    assert len(s["start"]) == len(s["end"]) == len(meter.step_times) == 3
+    assert all(b >= a for a, b in zip(s["start"], s["end"])) and s["reached"] is None  # nothing marked
+
+
 def exit_report(rank, host, start, reached, left, marked=True):
     return {"rank": rank, "rank_clock": {"host": host, "clock": "monotonic_ns", "sync_every": 1,
                                          "collective_marked": marked, "start": start, "end": [x + 100 for x in (left or start)],
@@ -215,3 +230,45 @@ def test_reference_loop_record_carries_per_rank_waiting(tmp_path):
     assert clock["waiting_s"] is not None and clock["in_collective_s"] >= clock["waiting_s"] > -1e-12
     assert min(clock["waiting_per_rank_s"]) == 0 or clock["waiting_s"] < clock["in_collective_s"]
     assert all("rank_clock" not in r for r in rec["ranks"])
+
+
+# -- the dashboard and the results table ---------------------------------------------------------
+
+def test_dashboard_shows_the_decomposition_and_the_floors(tmp_path):
+    import shutil
+
+    from scaling import comm, records, report
+    from test_report import LOCAL_CPU
+
+    shutil.copytree(LOCAL_CPU / "local_cpu", tmp_path / "local_cpu")
+    for n in (2, 3):
+        sizes = [comm.size_result(b, "mlp" if b == MLP_BYTES else None, [ring(n, b)] * 3, n)
+                 for b in (4, 4096, 262144, MLP_BYTES)]
+        metrics = {"collective": "all_reduce", "library": "torch.distributed (gloo)", "devices": n, "processes": n,
+                   "gradient_bytes": {"mlp": MLP_BYTES}, "sizes": sizes}
+        cfg = {"backend": {"name": "torch_ddp"}, "devices": n, "cluster": {"nodes": 1}, "comm": {"name": "allreduce"}}
+        records.write_record(records.make_record(run_id=f"c{n}", group="comm", config=cfg, metrics=metrics,
+                                                 environment=records.capture_environment(), error=None), tmp_path)
+    html = report.build(tmp_path, png=False, bootstrap=20).html_path.read_text()
+    assert "Where the time goes" in html and "local_cpu-mlp-" in html and "-decomposition" in html
+    for part in ("compute (N=1 step)", "transfer (micro-benchmark)", "waiting for the slowest rank",
+                 "overhead (what is left)", "ideal floor: compute + transfer", "practical floor: reference loop"):
+        assert part in html
+    assert "micro-benchmark at the gradient size" in html  # torch_ddp at N=2: the measured latency
+    assert "no comm records for MirroredStrategy" in html  # said, not left blank
+    assert "First-principles model against the sweep" in html
+    assert "within its interval" in html or "outside its interval" in html
+    table = decomposition.load(tmp_path)
+    ddp = table[(table["backend"] == "torch_ddp") & (table["N"] == 2)].iloc[0]
+    assert ddp["transfer_s"] == pytest.approx(ring(2, MLP_BYTES), rel=1e-9)
+    assert ddp["overhead_s"] == pytest.approx(ddp["step_s"] - ddp["compute_s"] - ddp["transfer_s"])
+
+
+def test_wandb_summary_values_name_backend_n_and_part():
+    cells = pd.DataFrame([cell("torch_reference", 1, 0.010), cell("torch_reference", 2, 0.013)])
+    where = decomposition.table(cells, comm_rows(), {})
+    values = decomposition.summary_values(where, "s")
+    assert values["where/torch_reference/N2/step_s"] == pytest.approx(0.013)
+    assert values["where/torch_reference/N2/transfer_s"] == pytest.approx(ring(2, MLP_BYTES))
+    assert "where/torch_reference/N2/waiting_s" not in values  # unmeasured: left out, not 0
+    assert decomposition.summary_values(where, "other") == {}

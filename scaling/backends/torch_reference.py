@@ -7,6 +7,8 @@ Each is the practical floor for the backends over the same library (``torch_ddp`
 ``lightning_ddp``; ``horovod_torch``), with the same data layout and protocol: what a backend
 costs beyond it is that backend's overhead.
 Gradients live as views of one flat buffer, so the all-reduce needs no copy in or out.
+On CPU the all-reduce is marked for the rank clock (``scaling.rank_clock``): when each rank reached
+it and left it, so the record can tell waiting for the slowest rank from the transfer.
 """
 from __future__ import annotations
 
