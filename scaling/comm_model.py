@@ -109,13 +109,15 @@ def comm_points(comm_rows: pd.DataFrame) -> pd.DataFrame:
     return ok[ok["path"].notna()]
 
 
-def fit_paths(comm_rows: pd.DataFrame, bootstrap: int = BOOTSTRAP) -> dict[tuple[str, str, str], AlphaBeta]:
-    """One fit per (path, variant, placement), over every size and N of its comm records."""
+def fit_paths(comm_rows: pd.DataFrame, bootstrap: int = BOOTSTRAP, per_n: bool = False) -> dict[tuple, AlphaBeta]:
+    """One fit per (path, variant, placement), over every size and N of its comm records (the one
+    predictions use); ``per_n``: one per (path, variant, placement, N) instead, to see whether
+    alpha and beta hold across N."""
+    keys = ["path", "variant", "placement"] + (["N"] if per_n else [])
     fits = {}
-    for (path, variant, placement), grp in comm_points(comm_rows).groupby(["path", "variant", "placement"], sort=True):
+    for key, grp in comm_points(comm_rows).groupby(keys, sort=True):
         try:
-            fits[(path, variant, placement)] = fit_alpha_beta(grp, bootstrap, path=path, variant=variant,
-                                                              placement=placement)
+            fits[key] = fit_alpha_beta(grp, bootstrap, path=key[0], variant=key[1], placement=key[2])
         except ValueError:
             continue  # too few points: predictions say there are no comm records to fit
     return fits

@@ -34,7 +34,8 @@ def figure(study: pd.DataFrame, title: str):
     """The stacked bar of one study: one bar per (backend, N), floors and the measured step marked."""
     import plotly.graph_objects as go
 
-    rows = study.sort_values(["backend", "N"])
+    distributed = set(study.loc[study["N"] > 1, "backend"])  # single-device backends add nothing here
+    rows = study[study["backend"].isin(distributed)].sort_values(["backend", "N"])
     x = [f"{r.backend}<br>N={r.N}" for r in rows.itertuples()]
     fig = go.Figure()
     for col, name, colour in PARTS:
@@ -47,7 +48,7 @@ def figure(study: pd.DataFrame, title: str):
                                       ("ideal_overlap_floor_s", "ideal floor, full overlap: max(compute, transfer)",
                                        "triangle-up", "#98df8a"),
                                       ("reference_floor_s", "practical floor: reference loop", "diamond", "#9467bd")):
-        y = [v * 1e3 if pd.notna(v) else None for v in rows[col]]
+        y = [v * 1e3 if pd.notna(v) and (n > 1 or col == "step_s") else None for v, n in zip(rows[col], rows["N"])]
         fig.add_trace(go.Scatter(x=x, y=y, mode="markers", name=name,
                                  marker={"symbol": symbol, "size": 14, "color": colour, "line": {"width": 2, "color": colour}}))
     fig.update_layout(barmode="stack", title=title, yaxis_title="ms per step", height=500, legend={"orientation": "h", "y": -0.25})
@@ -107,7 +108,9 @@ def fits_html(fits: dict) -> str:
         f"<td>{', '.join(map(str, f.n_values))}</td><td>{f.points}</td><td>{f.alpha * 1e6:.2f}</td>"
         f"<td>{(1 / f.beta / 1e9) if f.beta > 0 else math.inf:.3f}</td><td>{f.residual_rms:.0%}</td>"
         f"<td class='l'>{esc('; '.join(f.notes))}</td></tr>" for f in fits.values())
-    return ("<h3>Alpha-beta fits to the micro-benchmark</h3><table><tr><th class='l'>path</th><th class='l'>variant</th>"
+    return ("<h3>Alpha-beta fits to the micro-benchmark</h3><p>Per collective path over every N (the fit the "
+            "predictions use), then per N alone: alpha and beta that drift with N say the ring model does not hold "
+            "there.</p><table><tr><th class='l'>path</th><th class='l'>variant</th>"
             "<th class='l'>placement</th><th>N</th><th>points</th><th>&alpha; us</th><th>1/&beta; GB/s</th>"
             f"<th>RMS residual</th><th class='l'>notes</th></tr>{body}</table>")
 
@@ -149,7 +152,7 @@ def section(loaded: analysis.Loaded, cells: pd.DataFrame, comm_rows: pd.DataFram
             mine = validation[(validation["sweep"] == k["sweep"]) & (validation["workload"] == k["workload"])
                               & (validation["scaling"] == k["scaling"]) & (validation["variant"] == k["variant"])]
             parts.append(_validation_html(mine))
-    parts.append(fits_html(fits))
+    parts.append(fits_html(fits | comm_model.fit_paths(comm_rows, bootstrap=0, per_n=True) if fits else {}))
     return DecompositionSection(table, validation, figs, "".join(parts))
 
 

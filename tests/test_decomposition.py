@@ -272,3 +272,12 @@ def test_wandb_summary_values_name_backend_n_and_part():
     assert values["where/torch_reference/N2/transfer_s"] == pytest.approx(ring(2, MLP_BYTES))
     assert "where/torch_reference/N2/waiting_s" not in values  # unmeasured: left out, not 0
     assert decomposition.summary_values(where, "other") == {}
+
+
+def test_per_n_fits_show_whether_alpha_and_beta_hold_across_n():
+    rows = pd.concat([comm_rows(ns=(2,)), comm_rows(ns=(4,), alpha=2 * ALPHA)])
+    per_n = comm_model.fit_paths(rows, bootstrap=0, per_n=True)
+    assert per_n[("torch.distributed", "defaults", "core", 2)].alpha == pytest.approx(ALPHA, rel=1e-6)
+    assert per_n[("torch.distributed", "defaults", "core", 4)].alpha == pytest.approx(2 * ALPHA, rel=1e-6)
+    pooled = comm_model.fit_paths(rows, bootstrap=0)[("torch.distributed", "defaults", "core")]
+    assert pooled.n_values == [2, 4] and pooled.residual_rms > 0  # one alpha cannot fit both
