@@ -138,15 +138,19 @@ def find_fit(fits: dict, backend: str, variant: str, placement: str) -> tuple[Al
 
 
 def measured_transfer(comm_rows: pd.DataFrame, backend: str, variant: str, placement: str, n: int,
-                      nbytes: int) -> float | None:
-    """The micro-benchmark's p50 at exactly this gradient size and N (median over repeats), or None."""
+                      nbytes: int) -> tuple[float | None, str | None]:
+    """The micro-benchmark's p50 at exactly this gradient size and N (median over repeats), or None;
+    and a note when it was measured under another placement than the cell's."""
     pts = comm_points(comm_rows)
     at = pts[(pts["path"] == PATH_OF.get(backend)) & (pts["variant"] == variant) & (pts["N"] == n)
              & (pts["bytes"] == nbytes)]
     if at.empty:
-        return None
+        return None, None
     same = at[at["placement"] == placement]
-    return float((same if not same.empty else at)["latency_p50_s"].median())
+    if same.empty:
+        others = ", ".join(sorted(set(at["placement"])))
+        return float(at["latency_p50_s"].median()), f"measured under placement {others}, not {placement}"
+    return float(same["latency_p50_s"].median()), None
 
 
 def placement_of(conditions: str) -> str:
@@ -199,6 +203,10 @@ class Prediction:
         """A plain sentence: within or outside the interval, and where; or why there is no prediction."""
         if self.transfer_s is None:
             return f"no prediction: {self.note}"
+        caveat = f" [{self.note}]" if self.note else ""
+        return self._where() + caveat
+
+    def _where(self) -> str:
         lo, _, hi = self.no_overlap
         flo, _, fhi = self.full_overlap
         ms = self.measured_s * 1e3
@@ -244,11 +252,12 @@ def predict(series: pd.DataFrame, n: int, fits: dict, comm_rows: pd.DataFrame) -
         pred.transfer_s = fit.time(n, nbytes)
         pred.transfer_low_s, pred.transfer_high_s = fit.interval(n, nbytes)
     else:  # no fit (one size only): the measured latency at this size, without an interval of its own
-        t = measured_transfer(comm_rows, backend, variant, placement, n, nbytes)
+        t, other = measured_transfer(comm_rows, backend, variant, placement, n, nbytes)
         if t is None:
             pred.note = note or f"no comm records for {PATH_OF.get(backend, backend)} at N={n}"
         else:
             pred.transfer_s = pred.transfer_low_s = pred.transfer_high_s = t
+            pred.note = other
     return pred
 
 

@@ -87,12 +87,14 @@ def table(cells: pd.DataFrame, comm_rows: pd.DataFrame, clocks: dict[str, dict],
             except ValueError:
                 nbytes = None
             if nbytes is not None and not comm_rows.empty:
-                transfer = measured_transfer(comm_rows, backend, variant, placement, n, nbytes)
-                source = "micro-benchmark at the gradient size" if transfer is not None else None
+                transfer, other = measured_transfer(comm_rows, backend, variant, placement, n, nbytes)
+                source = (f"micro-benchmark at the gradient size{f' ({other})' if other else ''}"
+                          if transfer is not None else None)
                 if transfer is None:
                     fit, note = find_fit(fits, backend, variant, placement)
                     if fit is not None:
-                        transfer, source = fit.time(n, nbytes), "alpha-beta fit at the gradient size"
+                        transfer = fit.time(n, nbytes)
+                        source = f"alpha-beta fit at the gradient size{f' ({note})' if note else ''}"
             if transfer is None:
                 source = f"no comm records for {PATH_OF.get(backend, backend)} at N={n}"
         figures = [clocks.get(r) for r in grp["run_id"]]

@@ -281,3 +281,14 @@ def test_per_n_fits_show_whether_alpha_and_beta_hold_across_n():
     assert per_n[("torch.distributed", "defaults", "core", 4)].alpha == pytest.approx(2 * ALPHA, rel=1e-6)
     pooled = comm_model.fit_paths(rows, bootstrap=0)[("torch.distributed", "defaults", "core")]
     assert pooled.n_values == [2, 4] and pooled.residual_rms > 0  # one alpha cannot fit both
+
+
+def test_transfer_from_another_placement_or_from_the_fit_says_so():
+    cells = pd.DataFrame([cell("torch_ddp", 1, 0.010), cell("torch_ddp", 2, 0.016), cell("torch_ddp", 3, 0.02)])
+    rows = comm_rows().assign(placement="none")
+    t = decomposition.table(cells, rows, {}).set_index("N")
+    assert t.loc[2, "transfer_source"] == "micro-benchmark at the gradient size (measured under placement none, not core)"
+    # N=3 was not measured: the ring fit of N=2 and 4 carries it, under the other placement, said
+    assert t.loc[3, "transfer_s"] == pytest.approx(ring(3, MLP_BYTES), rel=1e-6)
+    assert t.loc[3, "transfer_source"] == ("alpha-beta fit at the gradient size (comm records of torch.distributed "
+                                           "under placement none, not core)")
