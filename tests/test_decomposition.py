@@ -82,6 +82,8 @@ def test_prediction_is_compute_at_one_plus_transfer_and_says_within_or_outside()
     assert r2["inside"] and r2["verdict"].startswith("within its interval") and "(no overlap)" in r2["verdict"]
     r4 = out.loc[("torch_reference", 4)]
     assert r4["held_out"] and not r4["inside"] and r4["verdict"].startswith("outside its interval")
+    # beside it, the model fitted to the training runs of N = 1, 2, at the same held-out N
+    assert "fit on N = 1, 2, predict N = 4" in r4["trained_verdict"] and r4["trained_inside"] is False
     hv = out.loc[("horovod_torch", 2)]
     assert hv["inside"] is None and "no comm records for horovod (torch)" in hv["verdict"]
 
