@@ -251,6 +251,9 @@ def predict(series: pd.DataFrame, n: int, fits: dict, comm_rows: pd.DataFrame) -
     if fit is not None:
         pred.transfer_s = fit.time(n, nbytes)
         pred.transfer_low_s, pred.transfer_high_s = fit.interval(n, nbytes)
+        if n not in fit.n_values:
+            beyond = f"comm measured at N = {', '.join(map(str, fit.n_values))} only: N={n} rests on the ring form"
+            pred.note = f"{note}; {beyond}" if note else beyond
     else:  # no fit (one size only): the measured latency at this size, without an interval of its own
         t, other = measured_transfer(comm_rows, backend, variant, placement, n, nbytes)
         if t is None:

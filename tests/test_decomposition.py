@@ -80,6 +80,7 @@ def test_prediction_is_compute_at_one_plus_transfer_and_says_within_or_outside()
     assert r2["predicted_no_overlap_s"] == pytest.approx(compute + t2, rel=1e-6)
     assert r2["predicted_full_overlap_s"] == pytest.approx(max(compute, t2), rel=1e-6)
     assert r2["inside"] and r2["verdict"].startswith("within its interval") and "(no overlap)" in r2["verdict"]
+    assert "rests on the ring form" not in r2["verdict"]  # N=2 was measured
     r4 = out.loc[("torch_reference", 4)]
     assert r4["held_out"] and not r4["inside"] and r4["verdict"].startswith("outside its interval")
     # beside it, the model fitted to the training runs of N = 1, 2, at the same held-out N
@@ -94,6 +95,8 @@ def test_strong_scaling_compute_follows_the_per_device_batch():
     p = comm_model.predict(cells, 2, comm_model.fit_paths(comm_rows(), bootstrap=0), comm_rows())
     assert p.compute_s == pytest.approx(0.010)  # half the batch, half the N=1 step
     assert p.transfer_s == pytest.approx(ring(2, MLP_BYTES), rel=1e-6)
+    far = comm_model.predict(cells.assign(N=[1, 8]), 8, comm_model.fit_paths(comm_rows(), bootstrap=0), comm_rows())
+    assert far.note == "comm measured at N = 2, 4 only: N=8 rests on the ring form" and far.note in far.verdict()
 
 
 # -- the decomposition ----------------------------------------------------------------------------
