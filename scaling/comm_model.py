@@ -257,7 +257,8 @@ def predict(series: pd.DataFrame, n: int, fits: dict, comm_rows: pd.DataFrame) -
     else:  # no fit (one size only): the measured latency at this size, without an interval of its own
         t, other = measured_transfer(comm_rows, backend, variant, placement, n, nbytes)
         if t is None:
-            pred.note = note or f"no comm records for {PATH_OF.get(backend, backend)} at N={n}"
+            pred.note = (f"no comm records for {PATH_OF.get(backend, backend)} at N={n}"
+                         + ("" if variant == "defaults" else f" (variant {variant})"))
         else:
             pred.transfer_s = pred.transfer_low_s = pred.transfer_high_s = t
             pred.note = other

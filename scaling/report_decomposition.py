@@ -69,7 +69,7 @@ def _table_html(study: pd.DataFrame) -> str:
         notes = [n for n in (r.transfer_source if r.N > 1 else None, r.waiting_note) if isinstance(n, str) and n]
         if r.hidden_s and r.hidden_s > 0:
             notes.append(f"overlap hid {r.hidden_s * 1e3:.3f} ms of communication")
-        if isinstance(r.reference_backend, str):
+        if isinstance(r.reference_backend, str) and r.N > 1:
             notes.append(f"reference loop: {r.reference_backend}" if pd.notna(r.reference_floor_s)
                          else f"no {r.reference_backend} run at this N in this study: no practical floor")
         body += (f"<tr><td class='l'>{esc(str(r.backend))}</td><td>{int(r.N)}</td><td>{_ms(r.step_s)}</td>"

@@ -86,7 +86,7 @@ def test_prediction_is_compute_at_one_plus_transfer_and_says_within_or_outside()
     # beside it, the model fitted to the training runs of N = 1, 2, at the same held-out N
     assert "fit on N = 1, 2, predict N = 4" in r4["trained_verdict"] and r4["trained_inside"] is False
     hv = out.loc[("horovod_torch", 2)]
-    assert hv["inside"] is None and "no comm records for horovod (torch)" in hv["verdict"]
+    assert hv["inside"] is None and hv["verdict"] == "no prediction: no comm records for horovod (torch) at N=2"
 
 
 def test_strong_scaling_compute_follows_the_per_device_batch():
