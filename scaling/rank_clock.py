@@ -10,7 +10,8 @@ merges the ranks' series (``merge``) into the record's ``metrics.rank_clock``:
   for every process of a host): ``max_r reached_r - reached_r``. With ranks on several hosts (no
   common clock), from each rank's own time in the collective less the shortest one of that step
   (the last to arrive waits for no one): ``in_r - min_r in_r``.
-- **skew**: the spread of the ranks' step starts (one host only) and of their arrivals.
+- **skew**: the spread of the ranks' step starts and ends (one host only) and of their arrivals;
+  and each rank's own median step, so the slowest rank shows even where waiting cannot.
 
 A backend whose collective runs inside the framework (DDP's bucketed hooks, Horovod's
 DistributedOptimizer, tf.distribute), or on CUDA where the host does not see when the device
@@ -121,15 +122,19 @@ def merge(exits: list[dict], backend: str = "this backend") -> dict[str, Any] | 
     one_host = len(hosts) == 1
     out: dict[str, Any] = {"ranks": len(clocks), "hosts": len(hosts), "steps": steps, "waiting_s": None,
                            "waiting_per_rank_s": None, "arrival_skew_s": None, "in_collective_s": None,
-                           "start_skew_s": None, "method": None, "note": None}
+                           "start_skew_s": None, "end_skew_s": None, "step_per_rank_s": None, "method": None,
+                           "note": None}
     if steps == 0:
         out["note"] = "no timed step on some rank: nothing to compare"
         return out
     # the last `steps` timed steps of every rank are the same steps (each keeps its last ones)
     tail = [{k: (c[k][-steps:] if c.get(k) is not None else None) for k in ("start", "end", "reached", "left")}
             for c in clocks]
+    # each rank's own step (start to end), so the slowest rank shows even where waiting cannot
+    out["step_per_rank_s"] = [_median([(e - b) / 1e9 for b, e in zip(t["start"], t["end"])]) for t in tail]
     if one_host:
         out["start_skew_s"] = _median(spread([t["start"] for t in tail]))
+        out["end_skew_s"] = _median(spread([t["end"] for t in tail]))
     if any(c.get("sync_every", 1) != 1 for c in clocks):
         out["note"] = (f"waiting not separable for {backend}: steps were not synchronised one by one "
                        "(sync_every > 1), so the host timestamps are dispatch times")

@@ -197,6 +197,7 @@ def test_waiting_from_arrivals_on_one_host():
     assert m["waiting_per_rank_s"] == pytest.approx([45e-9, 0.0])
     assert m["waiting_s"] == pytest.approx(22.5e-9)  # median over steps of the ranks' mean (15, 30)
     assert m["arrival_skew_s"] == pytest.approx(45e-9) and m["start_skew_s"] == pytest.approx(30e-9)
+    assert m["end_skew_s"] == 0 and m["step_per_rank_s"] == pytest.approx([550e-9, 520e-9])  # end = left + 100
     assert m["in_collective_s"] == pytest.approx((285 + 270) / 2 * 1e-9)
     assert m["method"].startswith("arrival timestamps")
     record = {"metrics": {"step_time_s": {}}}
