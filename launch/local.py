@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scaling import records
+from scaling import rank_clock, records
 from scaling.tracking import WHERE_NOTES
 
 #: after the first dead rank, how long the framework's own launcher gets to stop the rest
@@ -303,6 +303,7 @@ def _finish(cfg: dict, run_id: str, group: str, results: Path, run_dir: Path, pr
             run_id=run_id, group=group, config=cfg,
             environment=(record or {}).get("environment") or records.capture_environment(),
             metrics=None, error=f"{error}\n--- last output ---\n{tail}")
+    rank_clock.into_record(record, exits, cfg["backend"]["name"])  # waiting for the slowest rank
     record["ranks"] = exits
     digests = [tuple(e.get("param_digests") or ()) for e in exits]
     if record["metrics"] is not None and digests and all(digests):

@@ -136,6 +136,7 @@ class Measurement:
         self._sync = sync
         self._device_memory_peak = device_memory_peak
         self._observers = list(observers)
+        self._step_begins = [o.step_begin for o in self._observers if hasattr(o, "step_begin")]
         self._window: list[float] = []  # timed step times since the last log point
         self._clock = clock
         self._wall_at_clock0 = time.time() - clock()
@@ -180,6 +181,8 @@ class Measurement:
             o.epoch_begin(epoch)
 
     def step_begin(self) -> None:
+        for begin in self._step_begins:
+            begin()
         self._step_start = self._clock()
         if self._events is not None and not self._pending:
             self._chain_mark = self._events.mark()
@@ -362,6 +365,9 @@ class Observer:
 
     def epoch_begin(self, epoch: int) -> None:
         pass
+
+    def step_begin(self) -> None:
+        """Just before each call of steps is timed (the rank clock marks it)."""
 
     def advance(self, steps: int) -> None:
         pass

@@ -95,6 +95,7 @@ RECORD_SCHEMA: dict[str, Any] = {
                         "test_accuracy_per_epoch": {"type": "array", "items": {"type": "number"}},
                         "peak_host_rss_bytes": {"type": "integer"},
                         "peak_device_memory_bytes": {"type": ["integer", "null"]},
+                        "rank_clock": {"type": "object"},  # optional: scaling.rank_clock.merge
                     },
                 },
                 COMM_METRICS,

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from scaling import analysis, report_cells, report_comm, scaling_model, verdicts
+from scaling import analysis, report_cells, report_comm, report_decomposition, scaling_model, verdicts
 from scaling.predict import fmt_param
 
 # TF backends in warm colours, PyTorch backends in cool ones: the seed claim reads off the hue.
@@ -371,11 +371,12 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None, png: bool 
             s.figures = _figures(s, colour)
             figures += s.figures
     comm = report_comm.section(results_dir, Figure, _fig_html)  # `scaling comm` records, if any
-    figures += comm.figures
+    where = report_decomposition.section(loaded, cells, comm.rows, Figure, _fig_html)  # where the time goes
+    figures += comm.figures + where.figures
     pngs, png_problem = write_pngs(figures, out) if png else ([], None)
     if png_problem:
         problems.append(png_problem)
-    body = render_html(results_dir, loaded, cells, study_list, problems, pngs, extra_html=comm.html)
+    body = render_html(results_dir, loaded, cells, study_list, problems, pngs, extra_html=where.html + comm.html)
     html_path = out / "index.html"
     tmp = html_path.with_suffix(".html.tmp")
     tmp.write_text(body, encoding="utf-8")

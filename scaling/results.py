@@ -91,6 +91,9 @@ def _show(console, args) -> int:
         console.print(f"[yellow]note:[/] {escape(note)}")
     for key, grp in agg.groupby(analysis.STUDY_KEYS, sort=True):
         console.print(_study_table(key, grp))
+    from scaling import decomposition, report_decomposition  # where the time goes, per cell
+
+    report_decomposition.print_table(console, decomposition.for_results(args.results_dir, loaded, cells))
     _verdicts(console, cells)
     return 0
 
@@ -174,6 +177,10 @@ def _export(console, args) -> int:
     loaded, cells = _load(args.results_dir, args.sweep)
     _notes(console, loaded)
     table = analysis.aggregate(cells) if args.table == "aggregate" else cells
+    if args.table == "aggregate":  # with where the time goes, per cell
+        from scaling import decomposition
+
+        table = decomposition.join(table, decomposition.for_results(args.results_dir, loaded, cells))
     if table.empty:
         console.print(f"no records to export from {args.results_dir}")
         return 1

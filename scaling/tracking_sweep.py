@@ -166,6 +166,9 @@ def _log_sweep_summary(cfg: dict, sweep_id: str) -> Path | None:
         run.log(logged)
         # (the table stays under "cells": a number there would replace it)
         run.summary.update({"cells_total": len(rows), "cells_ok": sum(r["status"] == "ok" for r in rows)})
+        from scaling import decomposition  # where the time goes, per backend and N
+
+        run.summary.update(decomposition.summary_values(decomposition.load(results_dir), sweep_id))
 
     tracker._call(log)
     where = tracker.run_dir

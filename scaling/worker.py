@@ -15,6 +15,7 @@ from scaling import config as config_mod
 from scaling import records, sinks, tracking
 from scaling.placement import Placement
 from scaling.protocol import Measurement, Progress, ProtocolConfig, process_start_time
+from scaling.rank_clock import RankClock
 
 
 def rank_info() -> tuple[int, int, int, int]:
@@ -93,14 +94,17 @@ def run(cfg: dict[str, Any]) -> dict:
         run_id = run_id or default_run_id(cfg, ctx.geometry.devices)
         progress = _progress(cfg, backend, run_id, pcfg) if rank == 0 else None
         tracker, tracker_start_s = _start_tracker(cfg, run_id, group) if rank == 0 else (None, None)
+        clock = RankClock(pcfg.warmup_steps)  # per-rank step timestamps: waiting for the slowest rank
+        clock.attach(backend)
         meter = Measurement(pcfg, global_batch=ctx.geometry.global_batch, devices=ctx.geometry.devices,
                             sync=backend.sync, device_memory_peak=backend.device_memory_peak,
-                            observers=[o for o in (progress, tracker, placer) if o],
+                            observers=[o for o in (progress, tracker, placer, clock) if o],
                             events=getattr(backend, "step_events", lambda: None)())
         backend.train(meter)
         metrics, error = _figures(meter, backend, ctx.geometry, process_start, tracker_start_s, rank)
         digest = getattr(backend, "param_digests", None)
         rank_summary["param_digests"] = digest() if digest else None
+        rank_summary["rank_clock"] = clock.series(meter.sync_every)
     except Interrupted as exc:
         error = f"rank {rank}: {exc}"
     except KeyboardInterrupt:

@@ -361,6 +361,9 @@ def test_sweep_logs_rank0_cell_runs_and_a_summary_run(tmp_path):
     summary = runs["w-summary"]
     assert summary.run["run_group"] == "w" and summary.run["job_type"] == "summary" and summary.exit_code == 0
     assert summary.summary["cells_total"] == 3 and summary.summary["cells_ok"] == 3
+    # where the time goes (scaling.decomposition): torch_ddp's N=2 step and its N=1 compute
+    [ddp1] = [r["metrics"] for r in recs.values() if r["config"]["backend"]["name"] == "torch_ddp" and r["config"]["devices"] == 1]
+    assert summary.summary["where/torch_ddp/N2/compute_s"] == pytest.approx(ddp1["global_batch"] / ddp1["samples_per_s"])
     # the table stays the "cells" key (a count logged there would replace it in W&B's summary)
     assert "cells" not in summary.summary and summary.summary["cells._type"] == "table-file"
     assert summary.config["backends"] == ["torch", "torch_ddp"] and summary.config["devices"] == [1, 2]

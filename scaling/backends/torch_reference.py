@@ -7,6 +7,8 @@ Each is the practical floor for the backends over the same library (``torch_ddp`
 ``lightning_ddp``; ``horovod_torch``), with the same data layout and protocol: what a backend
 costs beyond it is that backend's overhead.
 Gradients live as views of one flat buffer, so the all-reduce needs no copy in or out.
+On CPU the all-reduce is marked for the rank clock (``scaling.rank_clock``): when each rank reached
+it and left it, so the record can tell waiting for the slowest rank from the transfer.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ class FlatAllReduce:
         self.optimizer, self.params, self.world, self.all_reduce_sum = optimizer, params, world, all_reduce_sum
         self.flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
         self.checked = False
+        #: (reached, left): called around the all-reduce so the rank clock can time waiting for peers
+        self.marks: tuple[Callable[[], None], Callable[[], None]] | None = None
         offset = 0
         for p in params:
             p.grad = self.flat[offset:offset + p.numel()].view_as(p)
@@ -47,9 +51,25 @@ class FlatAllReduce:
             if not all(p.grad is not None and lo <= p.grad.data_ptr() < hi for p in self.params):
                 raise RuntimeError("a gradient left the flat buffer; the all-reduce would miss it")
             self.checked = True
-        self.all_reduce_sum(self.flat)
+        if self.marks:
+            self.marks[0]()
+            self.all_reduce_sum(self.flat)
+            self.marks[1]()
+        else:
+            self.all_reduce_sum(self.flat)
         self.flat.div_(self.world)
         self.optimizer.step()
+
+
+def mark_flat_all_reduce(optimizer: FlatAllReduce, device: torch.device, reached: Callable[[], None],
+                         left: Callable[[], None]) -> bool:
+    """Have ``optimizer`` call ``reached``/``left`` around its all-reduce, on CPU only: there the call
+    returns when the collective is done, so host time is the collective's. On CUDA the host only
+    queues it and never sees when the device reaches it: no marks (returns False)."""
+    if device.type != "cpu":
+        return False
+    optimizer.marks = (reached, left)
+    return True
 
 
 class TorchReference(TorchDDP):
@@ -58,6 +78,9 @@ class TorchReference(TorchDDP):
             dist.broadcast(p.data, src=0)
         params = [p for p in model.parameters() if p.requires_grad]
         return model, FlatAllReduce(torch.optim.Adam(params, lr=lr), params, self.world, dist.all_reduce)
+
+    def mark_collective(self, reached: Callable[[], None], left: Callable[[], None]) -> bool:
+        return mark_flat_all_reduce(self.optimizer, self.device, reached, left)
 
     @property
     def digest_model(self) -> torch.nn.Module:
