@@ -71,11 +71,13 @@ def _hydra_run() -> int:
             status["code"] = 2
             return
         try:
-            if plain["backend"].get("launcher", "inprocess") == "inprocess":
+            from launch import launchers
+
+            if launchers.of(plain).in_process:
                 record = worker.run(plain)
             else:
-                from scaling.config import validate
                 from launch.local import launch
+                from scaling.config import validate
 
                 validate(plain)
                 record = launch(plain)
