@@ -290,14 +290,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = ["scaling sweep", *([] if inspect else ["--multirun"]), *rest]
         return _hydra_run()
     if verb == "comm":
-        from scaling.comm.cli import comm_command
+        from scaling.comm.cli import sweep_overrides
 
-        return comm_command(rest)
+        return main(["sweep", *sweep_overrides(rest)])
     if verb in ("results", "report", "predict"):
         import importlib
 
         module, func = {"results": ("scaling.results", "results_command"), "report": ("scaling.report", "report_command"),
-                        "predict": ("scaling.scaling_model", "predict_command")}[verb]
+                        "predict": ("scaling.predict", "predict_command")}[verb]
         return getattr(importlib.import_module(module), func)(rest)
     if verb == "slurm":
         from scaling.slurm import slurm_command

@@ -10,7 +10,6 @@ down, and an interrupted cell leaves a ``failed`` record, never half of one.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -18,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from scaling import records
+from scaling.invalid_cells import note_invalid
 from scaling.naming import cell_id
+
 
 def finished(results_dir: str | Path, group: str, run_id: str) -> dict | None:
     """The cell's record if it finished ok (a damaged or failed record does not count)."""
@@ -108,32 +109,6 @@ def count_cells(params: dict[str, str], overrides: list[str]) -> int:
         if parsed.is_sweep_override():
             total *= len(list(parsed.sweep_string_iterator()))
     return total
-
-
-INVALID_CELLS = ".invalid-cells.json"
-
-
-def note_invalid(results_dir: str | Path, sweep_id: str, run_id: str, reason: str) -> None:
-    """Keep a cell the grid holds but its backend cannot run (``<sweep>/.invalid-cells.json``),
-    so the dashboard counts it as skipped, with the reason."""
-    try:
-        path = records.inside(results_dir, sweep_id, INVALID_CELLS)
-        known = json.loads(path.read_text()) if path.exists() else {}
-        if known.get(run_id) != reason:
-            records.write_json_atomic(path, {**known, run_id: reason})
-    except (OSError, ValueError, records.RecordError):
-        pass  # only the dashboard's count depends on it
-
-
-def invalid_cells(results_dir: str | Path) -> dict[str, str]:
-    """Every sweep's skipped cells under ``results_dir``: ``{"<sweep>/<cell>": reason}``."""
-    found: dict[str, str] = {}
-    for path in sorted(Path(results_dir).glob(f"*/{INVALID_CELLS}")):
-        try:
-            found |= {f"{path.parent.name}/{k}": v for k, v in json.loads(path.read_text()).items()}
-        except (OSError, ValueError, AttributeError):
-            continue
-    return found
 
 
 def headline(record: dict) -> str:
