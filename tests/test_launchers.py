@@ -103,7 +103,8 @@ def srun_task(tmp_path, monkeypatch):
                        "SLURM_JOB_NUM_NODES": "2", "SLURM_PROCID": "1"}.items():
         monkeypatch.setenv(key, value)
     for key in ("MASTER_ADDR", "MASTER_PORT", "TF_CONFIG", "SCALING_TF_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # so that what set_up writes is undone after the test
+        monkeypatch.delenv(key)
 
 
 def test_an_srun_task_gets_its_launchers_rendezvous(new_launcher, srun_task, monkeypatch):
