@@ -3,7 +3,7 @@
 ``horovodrun`` normally runs Horovod's rendezvous server and starts every rank itself (over ssh on
 other nodes). Under Slurm, srun starts the ranks instead: the batch script runs this module's
 server on the first node (``python -m launch.horovod_slurm serve``), which writes its port to a
-file, and each srun task derives its Horovod slot (rank, local and cross ranks, host) from the
+file, and each srun task (``join``) derives its Horovod slot (rank, local and cross ranks, host) from the
 Slurm variables with Horovod's own host-assignment code (``horovod_env``), so the plan the server
 holds and the slots the tasks claim are the same.
 """
@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-
-def slurm_hosts() -> list[str]:
-    out = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
-                         capture_output=True, text=True, timeout=30, check=True).stdout
-    return out.split()
+from launch import slurm_job
 
 
 def host_plan(hosts: list[str], tasks_per_node: int):
@@ -30,35 +27,58 @@ def host_plan(hosts: list[str], tasks_per_node: int):
     return get_host_assignments(parse_hosts(spec), len(hosts) * tasks_per_node)
 
 
-def serve(port_file: Path, tasks_per_node: int) -> None:
-    """Run the rendezvous server for this job until killed (the batch script ends it)."""
-    from horovod.runner.http.http_server import RendezvousServer
-
-    server = RendezvousServer()
-    port = server.start()
-    server.init(host_plan(slurm_hosts(), tasks_per_node))
-    tmp = port_file.with_suffix(".tmp")
-    tmp.write_text(str(port))
-    tmp.replace(port_file)
-    while True:
-        time.sleep(3600)
-
-
 _servers: list = []  # keeps an in-process server (and its thread) alive for the run
 
 
-def serve_in_process(port_file: Path, tasks_per_node: int) -> None:
-    """Rank 0 of a submitit job: the rendezvous server in a thread of this process."""
+def start_server(port_file: Path, tasks_per_node: int) -> None:
+    """Start the rendezvous server for this job in a thread of this process and publish its port
+    in ``port_file`` (the batch script's ``serve``, or rank 0 of a submitit job)."""
     from horovod.runner.http.http_server import RendezvousServer
 
     server = RendezvousServer()
     port = server.start()
-    server.init(host_plan(slurm_hosts(), tasks_per_node))
+    server.init(host_plan(slurm_job.hosts(), tasks_per_node))
     _servers.append(server)
     port_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = port_file.with_suffix(".tmp")
     tmp.write_text(str(port))
     tmp.replace(port_file)
+
+
+def serve(port_file: Path, tasks_per_node: int) -> None:
+    """Run the rendezvous server for this job until killed (the batch script ends it)."""
+    start_server(port_file, tasks_per_node)
+    while True:
+        time.sleep(3600)
+
+
+def batch_lines(job_files: str, tasks_per_node: int) -> list[str]:
+    """What a batch script runs before srun: the server horovodrun would have run, on the first node,
+    stopped when the script ends; its port goes to ``<job_files>.<job id>.rendezvous`` (``job_files``
+    is a shell-quoted path prefix)."""
+    return [f'export SCALING_HOROVOD_PORT_FILE={job_files}."$SLURM_JOB_ID".rendezvous',
+            "# (each rank finds the interface its own node reaches the others through: no HOROVOD_GLOO_IFACE here)",
+            f"{shlex.quote(sys.executable)} -m launch.horovod_slurm serve --port-file \"$SCALING_HOROVOD_PORT_FILE\" "
+            f"--tasks-per-node {tasks_per_node} &",
+            "rendezvous=$!",
+            "trap 'kill $rendezvous 2>/dev/null; rm -f \"$SCALING_HOROVOD_PORT_FILE\"' EXIT"]
+
+
+def join(cfg: dict, run_id: str | None) -> None:
+    """srun started this Horovod rank: join the job's gloo rendezvous (the batch script's server,
+    or under submitit one that rank 0 runs in a thread), as horovodrun would have arranged.
+    ``MASTER_ADDR`` (rank 0's node) is where the server listens."""
+    if "HOROVOD_RANK" in os.environ:
+        return  # horovodrun started this rank (a local run inside an allocation)
+    port_file = os.environ.get("SCALING_HOROVOD_PORT_FILE")
+    if not port_file:
+        port_file = str(Path(cfg["results_dir"]) / (cfg.get("group") or "runs") /
+                        f".{run_id or 'run'}.{os.environ['SLURM_JOB_ID']}.rendezvous")
+        if os.environ.get("SLURM_PROCID", "0") == "0":
+            start_server(Path(port_file), slurm_job.tasks_per_node())
+    addr = os.environ["MASTER_ADDR"]
+    iface = os.environ.get("HOROVOD_GLOO_IFACE") or route_iface(addr)
+    os.environ.update(horovod_env(Path(port_file), addr, iface))
 
 
 def route_iface(addr: str, ip=None) -> str:
@@ -96,7 +116,7 @@ def horovod_env(port_file: Path, rendezvous_addr: str, iface: str, timeout: floa
         if time.monotonic() > deadline:
             raise RuntimeError(f"no Horovod rendezvous port in {port_file} after {timeout:.0f} s")
         time.sleep(0.2)
-    hosts = slurm_hosts()
+    hosts = slurm_job.hosts()
     tasks_per_node = int(os.environ["SLURM_NTASKS"]) // len(hosts)
     slot = host_plan(hosts, tasks_per_node)[int(os.environ["SLURM_PROCID"])]
     env = create_slot_env_vars(slot)

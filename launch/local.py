@@ -1,10 +1,10 @@
 """Start the workers of one run on this machine the framework's own way, watch them, and turn
 their exits into one status and one record.
 
-- ``torchrun``: ``python -m torch.distributed.run --standalone`` (torch DDP, Lightning)
-- ``tf_config``: one process per worker with its ``TF_CONFIG`` (TF MultiWorkerMirrored)
-- ``horovodrun``: ``horovodrun --gloo -np N -H localhost:N`` (Horovod)
-- ``process``: one worker process (single-device backends, TF Mirrored over N devices)
+What starts them is the backend's launcher's ``local`` command (``launch/launchers.py``):
+``torchrun --standalone`` (torch DDP, Lightning), one process per worker with its ``TF_CONFIG``
+(TF MultiWorkerMirrored), ``horovodrun --gloo -np N -H localhost:N`` (Horovod), or one worker
+process (single-device backends, TF Mirrored over N devices).
 
 Every worker runs ``python -m scaling.worker --config <run dir>/config.json``, announces itself
 in ``rank<r>.pid.json`` and reports in ``rank<r>.exit.json``. A rank whose process is gone without
@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launch import launchers
 from scaling import rank_clock, records
+from scaling.naming import default_run_id
 from scaling.tracking import WHERE_NOTES
 
 #: after the first dead rank, how long the framework's own launcher gets to stop the rest
@@ -37,41 +39,9 @@ GRACE_S = 3.0
 TERM_TIMEOUT_S = 10.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def processes_for(cfg: dict) -> int:
-    """How many worker processes a run starts on this node."""
-    return 1 if cfg["backend"].get("launcher") in ("process", "inprocess") else int(cfg["devices"])
-
-
-def worker_commands(cfg: dict, config_path: Path) -> list[tuple[list[str], dict[str, str]]]:
-    """(argv, extra environment) of each process to start for this run."""
-    launcher = cfg["backend"].get("launcher", "process")
-    n = int(cfg["devices"])
-    worker = ["-m", "scaling.worker", "--config", str(config_path)]
-    if launcher in ("process", "inprocess"):
-        return [([sys.executable, *worker], {})]
-    if launcher == "torchrun":
-        return [([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-                  "--max-restarts=0", *worker], {})]
-    if launcher == "horovodrun":
-        exe = shutil.which("horovodrun") or "horovodrun"
-        return [([exe, "--gloo", "-np", str(n), "-H", f"localhost:{n}", sys.executable, *worker], {})]
-    if launcher == "tf_config":
-        ports = [free_port() for _ in range(n)]
-        cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-        return [
-            ([sys.executable, *worker], {
-                "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
-                "RANK": str(i), "WORLD_SIZE": str(n), "LOCAL_RANK": str(i), "LOCAL_WORLD_SIZE": str(n),
-            })
-            for i in range(n)
-        ]
-    raise ValueError(f"backend.launcher={launcher!r}: unknown (process, torchrun, tf_config, horovodrun)")
+def worker_commands(cfg: dict, config_path: Path) -> launchers.Commands:
+    """(argv, extra environment) of each process to start for this run: its launcher's local command."""
+    return launchers.of(cfg).local(int(cfg["devices"]), ["-m", "scaling.worker", "--config", str(config_path)])
 
 
 @dataclass
@@ -172,11 +142,8 @@ def _dead_ranks(run_dir: Path) -> list[dict]:
 
 def launch(cfg: dict[str, Any]) -> dict:
     """Run one multi-process (or isolated single-process) run; returns its final record."""
-    from scaling.worker import default_run_id
-
-    from scaling.geometry import plan
-
     from scaling.config import check_results_dir
+    from scaling.geometry import plan
 
     run_id = cfg.get("run_name") or default_run_id(cfg, plan(cfg).devices)
     cfg = {**cfg, "run_name": run_id}

@@ -72,11 +72,13 @@ def _hydra_run() -> int:
             status["code"] = 2
             return
         try:
-            if plain["backend"].get("launcher", "inprocess") == "inprocess":
+            from launch import launchers
+
+            if launchers.of(plain).in_process:
                 record = worker.run(plain)
             else:
-                from scaling.config import validate
                 from launch.local import launch
+                from scaling.config import validate
 
                 validate(plain)
                 record = launch(plain)
@@ -287,14 +289,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = ["scaling sweep", *([] if inspect else ["--multirun"]), *rest]
         return _hydra_run()
     if verb == "comm":
-        from scaling.comm.cli import comm_command
+        from scaling.comm.cli import sweep_overrides
 
-        return comm_command(rest)
+        return main(["sweep", *sweep_overrides(rest)])
     if verb in ("results", "report", "predict"):
         import importlib
 
         module, func = {"results": ("scaling.results", "results_command"), "report": ("scaling.report", "report_command"),
-                        "predict": ("scaling.scaling_model", "predict_command")}[verb]
+                        "predict": ("scaling.predict", "predict_command")}[verb]
         return getattr(importlib.import_module(module), func)(rest)
     if verb == "slurm":
         from scaling.slurm import slurm_command

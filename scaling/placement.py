@@ -36,7 +36,9 @@ def mode(cfg: dict) -> str:
 
 def block(cfg: dict, local_rank: int, local_world: int, cores: list[int]) -> list[int]:
     """The cores process ``local_rank`` of ``local_world`` on this node gets."""
-    per_process = int(cfg["devices"]) if cfg["backend"].get("launcher") in ("process", "inprocess") else 1
+    # the devices this process drives: all of them when it is alone on the node (one process holding
+    # them, or a Slurm task per node), one each when every device has its own process
+    per_process = max(1, int(cfg["devices"]) // max(1, local_world))
     threads = cfg.get("threads")
     if threads and int(threads) * per_process * local_world <= len(cores):
         per = int(threads) * per_process

@@ -571,7 +571,7 @@ def render_html(results_dir: Path, loaded: analysis.Loaded, cells: pd.DataFrame,
     generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     n_ok = int((cells["status"] == "ok").sum()) if not cells.empty else 0
     n_failed = len(cells) - n_ok if not cells.empty else 0
-    from scaling.sweep import invalid_cells
+    from scaling.invalid_cells import invalid_cells
 
     invalid = invalid_cells(results_dir)
     parts = [f"<h1>Scaling study report</h1><p class='meta'>{_esc(results_dir)} &middot; generated {generated} &middot; "

@@ -397,12 +397,3 @@ def validate_all(cells: pd.DataFrame, bootstrap: int = BOOTSTRAP) -> list[Valida
         if grp["N"].nunique() >= 3:
             out.append(validate(grp, bootstrap=bootstrap))
     return out
-
-
-# -- `scaling predict` (scaling/predict.py) ------------------------------------------------------
-
-def predict_command(argv: list[str]) -> int:
-    """`scaling predict ...`: see ``scaling.predict.predict_command``."""
-    from scaling.predict import predict_command as command
-
-    return command(argv)

@@ -1,9 +1,10 @@
 """Plain sbatch scripts for the study's cells: ``scaling slurm render``.
 
 For users who submit by hand: the same config as a run or sweep, one readable script per cell
-(``slurm/cell.sbatch``) beside the cell's resolved config. Geometry per backend: torch DDP,
-Lightning and Horovod run one task per device (``--ntasks-per-node`` = devices per node, srun
-starts the ranks); TF Mirrored and MultiWorker one task per node holding the node's devices.
+(``slurm/cell.sbatch``) beside the cell's resolved config. The geometry is the backend's
+launcher's (``launch/launchers.py``): one task per device (``--ntasks-per-node`` = devices per
+node, srun starts the ranks: torch DDP, Lightning, Horovod) or one task per node holding the
+node's devices (TF Mirrored and MultiWorker, single-device backends).
 Every value from the config that reaches a script is shell-quoted, and a value that could break
 out of an ``#SBATCH`` line (a newline) is refused.
 """
@@ -19,20 +20,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from launch import launchers
+from launch.launchers import Launcher
 from scaling.config import CONF_DIR
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "cell.sbatch"
 ROOT = TEMPLATE.parent.parent
-PER_NODE = ("process", "inprocess", "tf_config")  # launchers whose backend runs one task per node
 
 
 class RenderError(ValueError):
     pass
-
-
-def tasks_for(launcher: str, devices: int) -> int:
-    """Tasks per node: one per device, or one holding all of the node's devices."""
-    return 1 if launcher in PER_NODE else int(devices)
 
 
 def unrunnable(cfg: dict) -> str | None:
@@ -48,17 +45,12 @@ def unrunnable(cfg: dict) -> str | None:
     return None
 
 
-def tasks_per_node(cfg: dict) -> int:
-    return tasks_for(cfg["backend"].get("launcher"), cfg["devices"])
-
-
-def cpus_per_task(launcher: str, devices: int, cluster: dict) -> int:
+def cpus_per_task(launcher: Launcher, devices: int, cluster: dict) -> int:
     """``cluster.cpus_per_task`` where set; else ``cpus_per_device`` for each device the task drives
     (a TF task holding a node's 4 GPUs gets 4x what one DDP rank gets)."""
     if cluster.get("cpus_per_task"):
         return int(cluster["cpus_per_task"])
-    drives = int(devices) if launcher in PER_NODE else 1
-    return drives * int(cluster.get("cpus_per_device") or 1)
+    return launcher.devices_per_task(devices) * int(cluster.get("cpus_per_device") or 1)
 
 
 def sbatch_options(cluster: dict) -> dict[str, Any]:
@@ -108,33 +100,24 @@ def render_cell(cfg: dict, run_id: str, out_dir: Path) -> Path:
     if any("\n" in line or "\r" in line for line in setup):
         raise RenderError("cluster.env_setup: one shell line per list item, no newlines inside an item")
     worker = f"{shlex.quote(sys.executable)} -m scaling.worker --config {shlex.quote(str(config_path))}"
-    if cfg["backend"].get("launcher") == "horovodrun":
-        port_file = f'{shlex.quote(str(out_dir.resolve() / run_id))}."$SLURM_JOB_ID".rendezvous' 
-        comment = ("# Horovod (gloo): its rendezvous server runs here (horovodrun's job), srun starts one rank per device\n"
-                   f"export SCALING_HOROVOD_PORT_FILE={port_file}\n"
-                   "# (each rank finds the interface its own node reaches the others through: no HOROVOD_GLOO_IFACE here)\n"
-                   f"{shlex.quote(sys.executable)} -m launch.horovod_slurm serve --port-file \"$SCALING_HOROVOD_PORT_FILE\" "
-                   f"--tasks-per-node {tasks_per_node(cfg)} &\n"
-                   "rendezvous=$!\ntrap 'kill $rendezvous 2>/dev/null; rm -f \"$SCALING_HOROVOD_PORT_FILE\"' EXIT")
-        command = f"srun --kill-on-bad-exit=1 {worker}"
-    else:
-        comment = "# one task per device (torch DDP, Lightning) or per node (TF): srun starts them all"
-        command = f"srun --kill-on-bad-exit=1 {worker}"
+    launcher = launchers.of(cfg)
+    tasks = launcher.tasks_per_node(cfg["devices"])
+    job_files = shlex.quote(str(out_dir.resolve() / run_id))  # prefix of files the job's set-up writes
+    setup_lines = launcher.batch_setup(job_files, tasks) if launcher.batch_setup else []
     values = {
         "cell_id": re.sub(r"[^A-Za-z0-9_.=-]", "_", run_id),
         "job_name": _directive(f"scaling-{run_id}"[:120], "job name"),
         "nodes": _directive(int(slurm.get("nodes", 1)), "cluster.nodes"),
-        "tasks_per_node": tasks_per_node(cfg),
-        "cpus_per_task": _directive(cpus_per_task(cfg["backend"].get("launcher"), cfg["devices"], slurm),
-                                    "cluster.cpus_per_task"),
+        "tasks_per_node": tasks,
+        "cpus_per_task": _directive(cpus_per_task(launcher, cfg["devices"], slurm), "cluster.cpus_per_task"),
         "env_setup": "\n".join(["# site set-up (cluster.env_setup)", *setup]) if setup else "",
         "time_limit": _directive(int(slurm.get("time_min") or 60), "cluster.time_min"),
         "signal_seconds": _directive(int(slurm.get("signal_seconds") or 120), "cluster.signal_seconds"),
         "log_path": _directive(str((out_dir / f"{run_id}.%j.log").resolve()), "log path"),
         "optional_sbatch": "\n".join(optional),
         "workdir": shlex.quote(str(ROOT)),
-        "launch_comment": comment,
-        "launch_command": command,
+        "launch_setup": "\n".join([f"# {launcher.srun_note}", *setup_lines]),
+        "launch_command": f"srun --kill-on-bad-exit=1 {worker}",
     }
     script = string.Template(TEMPLATE.read_text()).substitute(values)
     path = out_dir / f"{run_id}.sbatch"
@@ -144,16 +127,19 @@ def render_cell(cfg: dict, run_id: str, out_dir: Path) -> Path:
 
 
 def register_resolvers() -> None:
-    """The resolvers conf/cluster/slurm.yaml uses to size a cell's allocation (rules in scaling/slurm.py)."""
+    """The resolvers conf/cluster/slurm.yaml uses to size a cell's allocation (the launcher's entry in
+    launch/launchers.py, as for rendered scripts)."""
     from omegaconf import OmegaConf
 
     def plain(node):
         return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
-    OmegaConf.register_new_resolver("scaling_tasks_per_node", tasks_for, replace=True)
+    OmegaConf.register_new_resolver(
+        "scaling_tasks_per_node", lambda launcher, devices: launchers.get(launcher).tasks_per_node(devices), replace=True)
     OmegaConf.register_new_resolver("scaling_gpus", lambda use, devices: int(devices) if use else None, replace=True)
     OmegaConf.register_new_resolver(
-        "scaling_cpus", lambda launcher, devices, cluster: cpus_per_task(launcher, devices, plain(cluster)), replace=True)
+        "scaling_cpus", lambda launcher, devices, cluster: cpus_per_task(launchers.get(launcher), devices, plain(cluster)),
+        replace=True)
     OmegaConf.register_new_resolver("scaling_sbatch", lambda cluster: sbatch_options(plain(cluster)), replace=True)
     OmegaConf.register_new_resolver(
         "scaling_setup", lambda lines: [*(plain(lines) or []), "export SCALING_LAUNCH_TIME=$(date +%s.%N)"], replace=True)
@@ -188,7 +174,7 @@ def expand(overrides: list[str]) -> list[tuple[dict, list[str]]]:
 def render_command(argv: list[str]) -> int:
     """``scaling slurm render [OVERRIDES...] --out DIR``: one sbatch script per valid cell."""
     from scaling.config import ConfigError, validate
-    from scaling.sweep import cell_id
+    from scaling.naming import cell_id
 
     ap = argparse.ArgumentParser(prog="scaling slurm render", description=render_command.__doc__)
     ap.add_argument("--out", default="slurm-jobs", help="folder for the scripts and configs")
@@ -198,6 +184,7 @@ def render_command(argv: list[str]) -> int:
     for cfg, combo in expand(args.overrides):
         try:
             validate(cfg)
+            launchers.of(cfg)
         except ConfigError as exc:
             print(f"skipped {combo}: {exc}", file=sys.stderr)
             continue
@@ -227,8 +214,9 @@ def slurm_command(argv: list[str]) -> int:
 def geometry(cfg: dict) -> tuple[int, int, int, int]:
     """(nodes, tasks per node, GPUs per node, CPUs per task) of a cell's allocation."""
     gpus = int(cfg["devices"]) if cfg["cluster"].get("gpus", True) else 0
-    cpus = cpus_per_task(cfg["backend"].get("launcher"), cfg["devices"], cfg["cluster"])
-    return int(cfg["cluster"].get("nodes", 1)), tasks_per_node(cfg), gpus, cpus
+    launcher = launchers.of(cfg)
+    cpus = cpus_per_task(launcher, cfg["devices"], cfg["cluster"])
+    return int(cfg["cluster"].get("nodes", 1)), launcher.tasks_per_node(cfg["devices"]), gpus, cpus
 
 
 def split_sweep(overrides: list[str]) -> list[list[str]]:
@@ -248,6 +236,7 @@ def split_sweep(overrides: list[str]) -> list[list[str]]:
     for cfg, combo in expand(overrides):
         try:
             validate(cfg)
+            launchers.of(cfg)
         except ConfigError as exc:
             print(f"[sweep] skipped {' '.join(combo)}: {exc}", file=sys.stderr)
             continue

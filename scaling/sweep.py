@@ -10,40 +10,15 @@ down, and an interrupted cell leaves a ``failed`` record, never half of one.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from scaling import records
-
-#: overrides that name the cell in its id, in this order
-NAMED = ("backend", "workload", "data", "scaling", "devices", "cluster.nodes", "repeat", "variant")
-#: overrides that say where or how a sweep runs, not what a cell measures
-BOOKKEEPING = {"experiment", "sweep_id", "results_dir", "progress", "cluster", "logger", "hydra.mode"}
-
-
-def cell_id(cfg: dict, task_overrides: list[str]) -> str:
-    """A readable, stable id: the named axes, plus a short hash of any other override."""
-    base = ("comm-" if cfg.get("comm") else "") + (f"{cfg['backend']['name']}-{cfg['workload']['name']}-{cfg['data']['name']}-{cfg.get('scaling', 'weak')}"
-            f"-n{cfg['devices']}x{cfg['cluster']['nodes']}-r{cfg.get('repeat', 0)}")
-    if (cfg.get("variant") or "defaults") != "defaults":
-        base += f"-{cfg['variant']}"
-    extra = sorted(o.lstrip("+~") for o in task_overrides if not _bookkeeping(o.lstrip("+~").split("=", 1)[0]))
-    if extra:
-        base += "-" + hashlib.sha1("\n".join(extra).encode()).hexdigest()[:8]
-    return re.sub(r"[^A-Za-z0-9_.=-]", "_", base)
-
-
-def _bookkeeping(key: str) -> bool:
-    """Keys that name the cell already, or say where and how it runs rather than what it measures."""
-    if key in NAMED or key in BOOKKEEPING or key.startswith(("hydra.", "logger.")):
-        return True
-    return key.startswith("cluster.")  # partition, account, time...: where, not what (nodes is NAMED)
+from scaling.invalid_cells import note_invalid
+from scaling.naming import cell_id
 
 
 def finished(results_dir: str | Path, group: str, run_id: str) -> dict | None:
@@ -66,7 +41,9 @@ def failed_cells(results_dir: str | Path, sweep_id: str) -> list[str]:
 
 
 def run_cell(cfg: dict[str, Any], task_overrides: list[str], job_num: int) -> dict | None:
-    """Run one cell unless it already has an ok record. Returns its record (None if not runnable)."""
+    """Run one cell unless it already has an ok record. Returns its record (None if not runnable).
+    Every cell runs in fresh processes, a single-process backend's too."""
+    from launch import launchers
     from launch.local import launch
     from scaling.config import ConfigError, check_results_dir, validate
 
@@ -77,6 +54,7 @@ def run_cell(cfg: dict[str, Any], task_overrides: list[str], job_num: int) -> di
     tag = f"[sweep {sweep_id}] cell {job_num + 1}{total} {run_id}"
     try:
         validate(cfg)
+        launchers.of(cfg)
         check_results_dir(cfg["results_dir"], sweep_id)
     except ConfigError as exc:
         print(f"{tag}: not a valid cell, skipped ({exc})", file=sys.stderr, flush=True)
@@ -88,8 +66,6 @@ def run_cell(cfg: dict[str, Any], task_overrides: list[str], job_num: int) -> di
         return done
     if cfg["cluster"].get("name") == "slurm":
         return _run_in_slurm_task(cfg, tag)
-    if cfg["backend"].get("launcher", "inprocess") == "inprocess":
-        cfg["backend"] = {**cfg["backend"], "launcher": "process"}  # each cell in a fresh process
     print(f"{tag}: running", file=sys.stderr, flush=True)
     t0 = time.monotonic()
     record = launch(cfg)
@@ -135,32 +111,6 @@ def count_cells(params: dict[str, str], overrides: list[str]) -> int:
     return total
 
 
-INVALID_CELLS = ".invalid-cells.json"
-
-
-def note_invalid(results_dir: str | Path, sweep_id: str, run_id: str, reason: str) -> None:
-    """Keep a cell the grid holds but its backend cannot run (``<sweep>/.invalid-cells.json``),
-    so the dashboard counts it as skipped, with the reason."""
-    try:
-        path = records.inside(results_dir, sweep_id, INVALID_CELLS)
-        known = json.loads(path.read_text()) if path.exists() else {}
-        if known.get(run_id) != reason:
-            records.write_json_atomic(path, {**known, run_id: reason})
-    except (OSError, ValueError, records.RecordError):
-        pass  # only the dashboard's count depends on it
-
-
-def invalid_cells(results_dir: str | Path) -> dict[str, str]:
-    """Every sweep's skipped cells under ``results_dir``: ``{"<sweep>/<cell>": reason}``."""
-    found: dict[str, str] = {}
-    for path in sorted(Path(results_dir).glob(f"*/{INVALID_CELLS}")):
-        try:
-            found |= {f"{path.parent.name}/{k}": v for k, v in json.loads(path.read_text()).items()}
-        except (OSError, ValueError, AttributeError):
-            continue
-    return found
-
-
 def headline(record: dict) -> str:
     """A finished cell in a few words: throughput and accuracy, or what a comm cell measured."""
     m = record["metrics"]
@@ -171,14 +121,11 @@ def headline(record: dict) -> str:
 
 def _run_in_slurm_task(cfg: dict, tag: str) -> dict | None:
     """Inside a submitit job: this task is one rank; check the allocation fits the cell, then train."""
-    import os
-
+    from launch import launchers, slurm_job
     from scaling import worker
-    from scaling.slurm import tasks_per_node
 
-    want_nodes, want_tasks = int(cfg["cluster"]["nodes"]), tasks_per_node(cfg)
-    got_nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", "1")))
-    got_tasks = int(os.environ.get("SLURM_NTASKS", "1")) // max(1, got_nodes)
+    want_nodes, want_tasks = int(cfg["cluster"]["nodes"]), launchers.of(cfg).tasks_per_node(cfg["devices"])
+    got_nodes, got_tasks = slurm_job.nodes(), slurm_job.tasks_per_node()
     if (got_nodes, got_tasks) != (want_nodes, want_tasks):
         message = (f"this cell needs {want_nodes} node(s) x {want_tasks} task(s); the sweep's allocation has "
                    f"{got_nodes} x {got_tasks}. Submitit gives every cell of a multirun the same geometry: "

@@ -11,8 +11,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from launch import slurm_env
 from scaling import config as config_mod
 from scaling import records, sinks, tracking
+from scaling.naming import default_run_id
 from scaling.placement import Placement
 from scaling.protocol import Measurement, Progress, ProtocolConfig, process_start_time
 from scaling.rank_clock import RankClock
@@ -32,12 +34,6 @@ def rank_info() -> tuple[int, int, int, int]:
             local_world = env.get(lw, "1").split("(")[0]  # SLURM_NTASKS_PER_NODE may read "2(x2)"
             return int(env[r]), int(env[w]), int(env.get(lr, 0)), int(local_world or 1)
     return 0, 1, 0, 1
-
-
-def default_run_id(cfg: dict, devices: int) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return (f"{cfg['backend']['name']}_{cfg['workload']['name']}_{cfg['data']['name']}"
-            f"_n{devices}_{stamp}_{socket.gethostname()}-{os.getpid()}")
 
 
 def run_conditions(cfg: dict, env: dict, pinned: list[int] | None, backend: Any) -> dict:
@@ -74,11 +70,7 @@ def run(cfg: dict[str, Any]) -> dict:
     rank_summary: dict[str, Any] = {}
     run_id = cfg.get("run_name") or None
     interruption: dict[str, Any] = {}
-    if "SLURM_JOB_ID" in os.environ:
-        _handle_slurm_signals(cfg, rank, run_id, interruption)
-        slurm_rendezvous()
-        if cfg["backend"].get("launcher") == "horovodrun" and "HOROVOD_RANK" not in os.environ:
-            _horovod_under_srun(cfg, run_id)
+    slurm_env.set_up(cfg, rank, run_id, interruption)  # under srun: signals, the launcher's rendezvous
     try:
         from scaling.backends import RunContext, load_backend
         from scaling.geometry import plan
@@ -105,7 +97,7 @@ def run(cfg: dict[str, Any]) -> dict:
         digest = getattr(backend, "param_digests", None)
         rank_summary["param_digests"] = digest() if digest else None
         rank_summary["rank_clock"] = clock.series(meter.sync_every)
-    except Interrupted as exc:
+    except slurm_env.Interrupted as exc:
         error = f"rank {rank}: {exc}"
     except KeyboardInterrupt:
         error = "interrupted (KeyboardInterrupt)"
@@ -217,78 +209,6 @@ def _not_measured(meter: Measurement, metrics: dict, rank: int) -> str | None:
     return None
 
 
-def slurm_rendezvous() -> None:
-    """torch.distributed's env:// address under srun: rank 0's node (its NodeAddr) and a per-job
-    port; and gloo's interface, the one this node reaches that address through (left to itself,
-    gloo binds whatever the host name resolves to, often loopback)."""
-    if "MASTER_ADDR" not in os.environ and "SLURM_JOB_NODELIST" in os.environ:
-        import subprocess
-
-        try:
-            first = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
-                                   capture_output=True, text=True, timeout=30).stdout.split()[0]
-            node = subprocess.run(["scontrol", "show", "node", first, "-o"], capture_output=True, text=True, timeout=30).stdout
-            addr = next((f.split("=", 1)[1] for f in node.split() if f.startswith("NodeAddr=")), first)
-        except (OSError, IndexError, subprocess.SubprocessError):
-            return
-        os.environ["MASTER_ADDR"] = addr
-        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000))
-    if "MASTER_ADDR" in os.environ and "GLOO_SOCKET_IFNAME" not in os.environ:
-        from launch.horovod_slurm import route_iface
-
-        os.environ["GLOO_SOCKET_IFNAME"] = route_iface(os.environ["MASTER_ADDR"])
-
-
-def _horovod_under_srun(cfg: dict, run_id: str | None) -> None:
-    """srun started this Horovod rank: join the job's gloo rendezvous (the batch script's server,
-    or under submitit one that rank 0 runs in a thread), as horovodrun would have arranged."""
-    from launch import horovod_slurm
-
-    port_file = os.environ.get("SCALING_HOROVOD_PORT_FILE")
-    if not port_file:
-        port_file = str(Path(cfg["results_dir"]) / (cfg.get("group") or "runs") /
-                        f".{run_id or 'run'}.{os.environ['SLURM_JOB_ID']}.rendezvous")
-        if os.environ.get("SLURM_PROCID", "0") == "0":
-            tasks = int(os.environ["SLURM_NTASKS"]) // int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", "1")))
-            horovod_slurm.serve_in_process(Path(port_file), tasks)
-    addr = os.environ["MASTER_ADDR"]
-    iface = os.environ.get("HOROVOD_GLOO_IFACE") or horovod_slurm.route_iface(addr)
-    os.environ.update(horovod_slurm.horovod_env(Path(port_file), addr, iface))
-
-
-class Interrupted(BaseException):
-    """Slurm asked this task to stop (USR2 before the time limit, TERM on scancel or pre-emption)."""
-
-
-def _handle_slurm_signals(cfg: dict, rank: int, run_id: str | None, interruption: dict) -> None:
-    """On USR2/TERM: note why, write a failed record at once (rank 0; a rank blocked in a collective
-    may never get back to Python before SIGKILL), requeue the job if asked, then unwind."""
-
-    def handler(signum: int, frame: Any) -> None:
-        if interruption:  # the first signal told the story (a requeue sends TERM after USR2)
-            raise Interrupted(interruption["message"])
-        name = signal.Signals(signum).name
-        requeue = bool(cfg.get("cluster", {}).get("requeue")) and signum == signal.SIGUSR2
-        action = "left for --resume"
-        if requeue and rank == 0:
-            import subprocess
-
-            ok = subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], capture_output=True).returncode == 0
-            action = "requeued" if ok else "requeue failed; left for --resume"
-        interruption.update(signal=name, action=action, job_id=os.environ.get("SLURM_JOB_ID"))
-        reason = ("pre-empted: Slurm's time-limit warning (USR2)" if signum == signal.SIGUSR2
-                  else "cancelled or pre-empted by Slurm (TERM)")
-        interruption["message"] = f"{reason}; {action}"
-        if rank == 0 and run_id:
-            record = records.make_record(run_id=run_id, group=cfg.get("group") or "runs", config=cfg,
-                                         environment=records.capture_environment(), metrics=None,
-                                         error=f"rank {rank}: {reason}; {action}")
-            record["interruption"] = dict(interruption)
-            records.write_record(record, cfg["results_dir"])
-        raise Interrupted(f"{reason}; {action}")
-
-    signal.signal(signal.SIGUSR2, handler)
-    signal.signal(signal.SIGTERM, handler)
 
 
 def announce(phase: str = "starting") -> None:

@@ -20,7 +20,7 @@ import pytest
 
 from scaling import analysis, metrics, scaling_laws, scaling_model, verdicts
 from scaling.results import results_command
-from scaling.scaling_model import predict_command
+from scaling.predict import predict_command
 
 DATA = Path(__file__).parent / "data"
 LOCAL_CPU = DATA / "local_cpu_sweep"

@@ -130,7 +130,8 @@ needs_chromium = pytest.mark.skipif(not CHROMIUM, reason="needs Chromium (apt-ge
 def test_png_figures(tmp_path):
     rep = report.build(LOCAL_CPU, tmp_path, png=True, bootstrap=50)
     names = sorted(p.name for p in rep.pngs)
-    assert names == sorted(f"local_cpu-mlp-mnist-weak-{f}.png" for f in FIGURES), rep.problems
+    expected = [f"local_cpu-mlp-mnist-weak-{f}.png" for f in FIGURES] + ["local_cpu-mlp-mnist-weak-decomposition.png"]
+    assert names == sorted(expected), rep.problems
     for p in rep.pngs:
         head = p.read_bytes()[:24]
         assert head[:8] == b"\x89PNG\r\n\x1a\n"

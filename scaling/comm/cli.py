@@ -18,10 +18,9 @@ def expand_devices(overrides: list[str]) -> list[str]:
     return out
 
 
-def comm_command(argv: list[str]) -> int:
-    from scaling.cli import main
-
+def sweep_overrides(argv: list[str]) -> list[str]:
+    """The ``scaling sweep`` overrides of ``scaling comm ARGV``: the ``comm`` experiment unless one is named."""
     overrides = expand_devices(argv)
     if not any(o.startswith("experiment=") for o in overrides):
         overrides = ["experiment=comm", *overrides]
-    return main(["sweep", *overrides])
+    return overrides

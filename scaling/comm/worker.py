@@ -6,15 +6,16 @@ the same placement; the record goes to the same results store.
 """
 from __future__ import annotations
 
-import os
 import time
 import traceback
 from typing import Any, Callable
 
 import numpy as np
 
+from launch import slurm_env
 from scaling import comm, records, sinks, tracking
 from scaling import worker as train_worker
+from scaling.naming import default_run_id
 from scaling.placement import Placement
 
 
@@ -49,14 +50,11 @@ def run(cfg: dict[str, Any]) -> dict:
     from scaling.geometry import plan
 
     rank, world, local_rank, local_world = train_worker.rank_info()
-    if "SLURM_JOB_ID" in os.environ:
-        train_worker.slurm_rendezvous()
-        if cfg["backend"].get("launcher") == "horovodrun" and "HOROVOD_RANK" not in os.environ:
-            train_worker._horovod_under_srun(cfg, cfg.get("run_name"))
+    slurm_env.set_up(cfg, rank, cfg.get("run_name"))  # under srun: the launcher's rendezvous
     placer = Placement(cfg, local_rank, local_world)
     pinned = placer.apply()
     group = cfg.get("group") or "runs"
-    run_id = cfg.get("run_name") or "comm_" + train_worker.default_run_id(cfg, int(cfg["devices"]))
+    run_id = cfg.get("run_name") or "comm_" + default_run_id(cfg, int(cfg["devices"]))
     metrics, error, env, path = None, None, {}, None
     started = time.time()
     try:
