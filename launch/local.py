@@ -72,7 +72,7 @@ def _pump(proc: _Proc, log, echo_all: bool = True) -> None:
 def _die_with_parent() -> None:
     """In the child before exec: SIGKILL it when this launcher dies, however it dies (torchrun and
     horovodrun do not stop their workers when their parent is SIGKILLed; the workers then follow
-    their own parent, see scaling.worker.die_with_parent)."""
+    their own parent, see scaling.process.die_with_parent)."""
     try:
         import ctypes
 

@@ -44,3 +44,12 @@ HOROVOD_KNOBS = {"HOROVOD_CYCLE_TIME": "default (1 ms)", "HOROVOD_FUSION_THRESHO
 def horovod_in_force() -> dict[str, str]:
     """Horovod's knobs as this process's environment sets them."""
     return {k: os.environ.get(k, default) for k, default in HOROVOD_KNOBS.items()}
+
+
+def of_run(cfg: dict, backend: Any) -> dict:
+    """The variant, the settings passed and what the library reports in force (scaling.settings)."""
+    try:
+        read_back = backend.settings_in_force() if hasattr(backend, "settings_in_force") else None
+    except Exception:  # a broken probe must not cost the record
+        read_back = None
+    return described(cfg, read_back)

@@ -13,27 +13,12 @@ from typing import Any
 
 from launch import slurm_env
 from scaling import config as config_mod
-from scaling import records, sinks, tracking
+from scaling import records, settings, sinks, tracking
 from scaling.naming import default_run_id
+from scaling.process import announce, die_with_parent, rank_info
 from scaling.placement import Placement
 from scaling.protocol import Measurement, Progress, ProtocolConfig, process_start_time
 from scaling.rank_clock import RankClock
-
-
-def rank_info() -> tuple[int, int, int, int]:
-    """(rank, world size, local rank, local world size) from the launcher's variables.
-
-    torchrun and our own launchers set RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE, horovodrun its
-    HOROVOD_* variables, srun SLURM_*; a lone process is (0, 1, 0, 1).
-    """
-    env = os.environ
-    for r, w, lr, lw in (("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
-                         ("HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK", "HOROVOD_LOCAL_SIZE"),
-                         ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE")):
-        if r in env and w in env:
-            local_world = env.get(lw, "1").split("(")[0]  # SLURM_NTASKS_PER_NODE may read "2(x2)"
-            return int(env[r]), int(env[w]), int(env.get(lr, 0)), int(local_world or 1)
-    return 0, 1, 0, 1
 
 
 def run_conditions(cfg: dict, env: dict, pinned: list[int] | None, backend: Any) -> dict:
@@ -173,7 +158,7 @@ def build_record(cfg: dict, run_id: str, group: str, backend: Any, placer: Place
         metrics["conditions"] = run_conditions(cfg, env, pinned, backend)
         if hasattr(backend, "fast_mode"):  # what the fast modes actually ran (graphs, XLA, steps per call)
             metrics["fast_mode"] = backend.fast_mode()
-    env["settings"] = settings_of(cfg, backend)
+    env["settings"] = settings.of_run(cfg, backend)
     env["placement"] = placer.describe()
     environment = records.capture_environment(env.pop("frameworks", None), env.pop("gpu", None)) | env
     environment.update(rank=rank, world_size=world, pinned_cpus=pinned)
@@ -182,17 +167,6 @@ def build_record(cfg: dict, run_id: str, group: str, backend: Any, placer: Place
     if interruption:
         record["interruption"] = dict(interruption)
     return record
-
-
-def settings_of(cfg: dict, backend: Any) -> dict:
-    """The variant, the settings passed and what the library reports in force (scaling.settings)."""
-    from scaling import settings
-
-    try:
-        read_back = backend.settings_in_force() if hasattr(backend, "settings_in_force") else None
-    except Exception:  # a broken probe must not cost the record
-        read_back = None
-    return settings.described(cfg, read_back)
 
 
 def _not_measured(meter: Measurement, metrics: dict, rank: int) -> str | None:
@@ -209,28 +183,6 @@ def _not_measured(meter: Measurement, metrics: dict, rank: int) -> str | None:
     return None
 
 
-
-
-def announce(phase: str = "starting") -> None:
-    """Write ``rank<r>.pid.json`` so the launcher can watch this worker (and name it if it dies)."""
-    run_dir = os.environ.get("SCALING_RUN_DIR")
-    if not run_dir:
-        return
-    rank = rank_info()[0]
-    records.write_json_atomic(Path(run_dir) / f"rank{rank}.pid.json",
-                              {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "phase": phase})
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this worker when its parent (launcher, torchrun, horovodrun) dies, so a
-    killed sweep driver leaves no orphan training behind."""
-    try:
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the launcher's own cleanup still applies
-        pass
 
 
 def _log(msg: str) -> None:

@@ -84,18 +84,9 @@ def test_the_graph_sees_imports_at_the_top_and_inside_functions():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-#: the one cycle left to the worker's restructuring: the training worker hands a comm cell to the comm
-#: worker (scaling.worker.run), which borrows the training worker's helpers (rank_info, announce, ...).
-#: Any other cycle fails now; once this one is gone, the test fails until the entry is removed.
-PENDING = [["scaling.comm.worker", "scaling.worker"]]
-
-
 def test_no_import_cycles_in_scaling_and_launch():
     found = cycles(graph())
-    new = [group for group in found if group not in PENDING]
-    assert not new, "import cycles:\n" + "\n".join(" <-> ".join(group) for group in new)
-    gone = [group for group in PENDING if group not in found]
-    assert not gone, f"no longer a cycle, remove it from PENDING: {gone}"
+    assert not found, "import cycles:\n" + "\n".join(" <-> ".join(group) for group in found)
 
 
 def reachable(edges: dict[str, set[str]], start: str) -> set[str]:

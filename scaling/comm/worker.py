@@ -14,7 +14,8 @@ import numpy as np
 
 from launch import slurm_env
 from scaling import comm, records, sinks, tracking
-from scaling import worker as train_worker
+from scaling import settings
+from scaling.process import announce, rank_info
 from scaling.naming import default_run_id
 from scaling.placement import Placement
 
@@ -49,7 +50,7 @@ def run(cfg: dict[str, Any]) -> dict:
     from scaling.backends import RunContext
     from scaling.geometry import plan
 
-    rank, world, local_rank, local_world = train_worker.rank_info()
+    rank, world, local_rank, local_world = rank_info()
     slurm_env.set_up(cfg, rank, cfg.get("run_name"))  # under srun: the launcher's rendezvous
     placer = Placement(cfg, local_rank, local_world)
     pinned = placer.apply()
@@ -65,7 +66,7 @@ def run(cfg: dict[str, Any]) -> dict:
         path = open_path(ctx)
         placer.settle()  # the library's threads exist now
         rank = path.rank
-        train_worker.announce(phase="measuring")
+        announce(phase="measuring")
         metrics = measure(path, cfg, placer.settle)
         metrics["wall_s"] = time.time() - started
     except Exception as exc:  # the cell failed: record why
@@ -81,7 +82,7 @@ def run(cfg: dict[str, Any]) -> dict:
                 path.close()
             except Exception:
                 pass
-        env["settings"] = train_worker.settings_of(cfg, path)
+        env["settings"] = settings.of_run(cfg, path)
         record = records.make_record(
             run_id=run_id, group=group, config=cfg,
             environment=records.capture_environment(env.pop("frameworks", None), env.pop("gpu", None)) | env,

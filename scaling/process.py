@@ -1,0 +1,48 @@
+"""What a launched worker process knows of itself and tells its launcher: its rank (from whichever
+launcher started it), that it is alive (``rank<r>.pid.json``), and that it dies with its parent."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+
+from scaling import records
+
+
+def rank_info() -> tuple[int, int, int, int]:
+    """(rank, world size, local rank, local world size) from the launcher's variables.
+
+    torchrun and our own launchers set RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE, horovodrun its
+    HOROVOD_* variables, srun SLURM_*; a lone process is (0, 1, 0, 1).
+    """
+    env = os.environ
+    for r, w, lr, lw in (("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+                         ("HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK", "HOROVOD_LOCAL_SIZE"),
+                         ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE")):
+        if r in env and w in env:
+            local_world = env.get(lw, "1").split("(")[0]  # SLURM_NTASKS_PER_NODE may read "2(x2)"
+            return int(env[r]), int(env[w]), int(env.get(lr, 0)), int(local_world or 1)
+    return 0, 1, 0, 1
+
+
+def announce(phase: str = "starting") -> None:
+    """Write ``rank<r>.pid.json`` so the launcher can watch this worker (and name it if it dies)."""
+    run_dir = os.environ.get("SCALING_RUN_DIR")
+    if not run_dir:
+        return
+    rank = rank_info()[0]
+    records.write_json_atomic(Path(run_dir) / f"rank{rank}.pid.json",
+                              {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "phase": phase})
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when its parent (launcher, torchrun, horovodrun) dies, so a
+    killed sweep driver leaves no orphan training behind."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the launcher's own cleanup still applies
+        pass
