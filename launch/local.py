@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from launch import launchers
-from scaling import rank_clock, records
+from scaling import rank_clock, records, sinks
 from scaling.naming import default_run_id
 from scaling.tracking import WHERE_NOTES
 
@@ -276,6 +276,7 @@ def _finish(cfg: dict, run_id: str, group: str, results: Path, run_dir: Path, pr
     if record["metrics"] is not None and digests and all(digests):
         record["metrics"]["ranks_in_sync"] = ranks_in_sync([d for ds in digests for d in ds])
     records.write_record(record, results)
+    sinks.save_config(record, results)  # again: rank 0 may have died before it saved the config
     record["path"] = str(path)
     shutil.rmtree(run_dir, ignore_errors=True)
     return record

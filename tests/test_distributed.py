@@ -163,6 +163,7 @@ def test_killed_worker_fails_the_run_and_leaves_nothing_behind(tmp_path, mnist_c
     records.validate(rec)
     assert rec["status"] == "failed"
     assert f"rank {victim}" in rec["error"], rec["error"]
+    assert (Path(tmp_path) / "runs" / "kill.hydra" / "config.yaml").is_file()  # saved even when rank 0 died
     assert not run_dir.exists()
     time.sleep(0.5)
     assert not [pid for pid in seen.values() if _alive(pid)], seen
