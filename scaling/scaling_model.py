@@ -129,6 +129,14 @@ class Fit:
         layout = f" / {self.key['nodes']} nodes" if self.key.get("nodes", 1) > 1 else ""
         return f"{self.key['backend']} / {self.key['workload']} / {self.key['data']} / {self.scaling}{layout}"
 
+    def supported(self, targets: Sequence[int]) -> list[int]:
+        """The device counts a prediction may be shown for: all of ``targets`` when alpha and beta are
+        identifiable; otherwise those within the measured range, where the bracket interpolates
+        between measured points (beyond them the data cannot say which cost grows)."""
+        if self.identifiable:
+            return sorted(targets)
+        return sorted(n for n in targets if n <= max(self.measured_n))
+
     def global_batch(self, n: np.ndarray) -> np.ndarray:
         n = np.asarray(n, float)
         return self.batch * n if self.scaling == "weak" else np.full_like(n, self.batch)
