@@ -7,9 +7,12 @@ host waiting only every K steps (the protocol's own cost); the hand-written grap
 is built for GPUs) at N=1 over NCCL; torch_ddp and lightning_ddp with 2 and 4 ranks sharing the GPU
 over gloo (NCCL refuses two ranks on one GPU); and the tuned loop on the CPU, for the accuracy.
 
-    python bench/gpu_check.py [--out results/gpu_check] [--epochs 2] [--sync-every 100]
+    python bench/gpu_check.py [--out results/gpu_check] [--epochs 2] [--sync-every 100] [--only a,b]
 
-Writes OUT/gpu_check.md (the table and the checks) and prints it. Exit status 1 if a run failed.
+bench/gpu_check.sh is the way in on a GPU node (requirements, offline bundle, what it installs).
+Writes, under OUT only: gpu_check.md (the table and the PASS/FAIL checks, also printed), a log per
+run (<run>.log), the runs' records (results/runs/<run>.json) and the reference loop's figures
+(graphed_loop.json). Exit status 1 if a run, or the reference loop, failed.
 """
 from __future__ import annotations
 

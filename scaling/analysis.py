@@ -37,6 +37,15 @@ FAST_SETTINGS = ("fast", "steps_per_call", "jit_compile")
 _CELL_ID = re.compile(r"-r\d+(?:-([0-9a-f]{8}))?$")
 
 
+def study_slug(key: dict) -> str:
+    """A study's file-name stem: sweep, workload (its parameters but the derived count), data,
+    scaling, the variant unless ``defaults``, and overrides; the same for every figure of a study."""
+    params = ", ".join(p for p in str(key["workload_params"]).split(", ") if not p.startswith("parameters="))
+    parts = [key["sweep"], key["workload"], params, key["data"], key["scaling"],
+             "" if key["variant"] == "defaults" else key["variant"], key["overrides"]]
+    return re.sub(r"[^A-Za-z0-9_.=-]", "_", "-".join(str(p) for p in parts if p))
+
+
 @dataclass
 class Loaded:
     """What a results folder held: the usable records and a plain account of everything else."""
@@ -136,6 +145,12 @@ def fast_settings(backend: dict) -> str:
     return ", ".join(f"{k}={_text(backend[k])}" for k in FAST_SETTINGS if k in (backend or {}))
 
 
+def framework(cfg: dict) -> str:
+    """The framework (``tf``, ``torch``) of a record's backend: the one place that reads it from
+    the config, so the verdicts, the colours and the framework's best single device follow it."""
+    return str(_get(cfg, "backend", "framework", default="?"))
+
+
 def run_conditions(record: dict) -> str:
     """What a run's speed depends on besides its cell: threads per rank, CPU placement and the
     evaluation work per rank. Records written before these were recorded fall back to the threads
@@ -169,7 +184,7 @@ def tidy(records: Iterable[dict], paths: Iterable[Path] | None = None) -> pd.Dat
             "status": r.get("status"),
             "error": r.get("error"),
             "backend": _get(cfg, "backend", "name", default="?"),
-            "framework": _get(cfg, "backend", "framework", default="?"),
+            "framework": framework(cfg),
             "workload": workload,
             "workload_params": workload_params(_get(cfg, "workload", default={})),
             "settings": fast_settings(_get(cfg, "backend", default={})),
@@ -225,7 +240,9 @@ def aggregate(cells: pd.DataFrame) -> pd.DataFrame:
     speedup over the backend's own N = 1 cell, efficiency, the serial fraction of the scaling mode's
     law (``scaling.metrics``), step times, time-to-accuracy and accuracy. Failed repeats are
     counted; ``conditions_note`` says when the repeats, or the cell and its N = 1 base, ran under
-    different conditions (threads, CPU placement, evaluation work)."""
+    different conditions (threads, CPU placement, evaluation work). ``efficiency_vs_framework_best``
+    is the efficiency against the best single-device cell of the same framework
+    (``framework_best``, ``framework_best_throughput``)."""
     if cells.empty or "status" not in cells:
         return pd.DataFrame()
     keys = AGG_KEYS
@@ -276,7 +293,24 @@ def aggregate(cells: pd.DataFrame) -> pd.DataFrame:
     agg["serial_fraction"] = [metrics.serial_fraction(s, n, sc) for s, n, sc in zip(agg["speedup"], agg["N"], agg["scaling"])]
     agg["serial_law"] = [metrics.serial_law(sc) for sc in agg["scaling"]]
     agg["conditions_note"] = [_conditions_note(c, c1) for c, c1 in zip(joined["conditions"], joined["conditions_1"])]
+    agg = _framework_best(agg)
     return agg.sort_values(keys, kind="stable").reset_index(drop=True)
+
+
+def _framework_best(agg: pd.DataFrame) -> pd.DataFrame:
+    """Each cell's efficiency against the best single-device cell of its framework in its study
+    (``metrics.best_single_device``), with that cell's name and samples/s beside it."""
+    several = agg.groupby(STUDY_KEYS + ["backend"], dropna=False)["settings"].transform("nunique") > 1
+    label = [f"{b} [{s}]" if many and s else b for b, s, many in zip(agg["backend"], agg["settings"], several)]
+    ones = agg.assign(label=label)[agg["N"] == 1]
+    best = {key: metrics.best_single_device(dict(zip(g["label"], g["throughput"])))
+            for key, g in ones.groupby(STUDY_KEYS + ["framework"], dropna=False)}
+    found = [best.get(tuple(r), (None, math.nan)) for r in agg[STUDY_KEYS + ["framework"]].itertuples(index=False)]
+    agg["framework_best"] = [name for name, _ in found]
+    agg["framework_best_throughput"] = [thr for _, thr in found]
+    agg["efficiency_vs_framework_best"] = [metrics.efficiency_vs_best(t, n, b) for t, n, b in
+                                           zip(agg["throughput"], agg["N"], agg["framework_best_throughput"])]
+    return agg
 
 
 def _conditions_note(conditions: str, base: Any) -> str:

@@ -10,6 +10,9 @@ below, so they print the same numbers for the same records.
   data, scaling mode, variant and settings; the base is that backend's own N = 1 cell.
 * efficiency ``E(N) = S(N) / N`` (1 is ideal in both scaling modes: weak scaling grows the work
   with N, strong scaling splits it, either way ideal throughput grows as N).
+* efficiency against the framework's best single device ``E_fw(N) = throughput(N) / (N x best)``,
+  ``best`` the highest median samples/s of any N = 1 cell (backend and settings) of the same
+  framework in the study: a slow N = 1 base flatters its own efficiency, this one does not.
 * strong scaling (fixed total work): Karp-Flatt serial fraction ``e = (1/S - 1/N) / (1 - 1/N)``,
   the Amdahl serial fraction that would explain the measured speedup.
 * weak scaling (work grows with N): Gustafson's scaled serial fraction ``s = (N - S) / (N - 1)``,
@@ -20,7 +23,7 @@ No framework imports: numpy only.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -71,3 +74,18 @@ def cell_speedups(throughputs: dict[int, Sequence[float]]) -> dict[int, float]:
     """Speedup per N of one series (``{N: repeats' samples/s}``): median at N over median at 1."""
     base = median(throughputs.get(1, []))
     return {n: speedup(median(values), base) for n, values in throughputs.items()}
+
+
+def best_single_device(bases: Mapping[str, float]) -> tuple[str | None, float]:
+    """The fastest single-device cell of one framework: (its label, its median samples/s) out of
+    ``{label: median samples/s at N = 1}``; (None, NaN) when none has a positive throughput."""
+    found = {k: v for k, v in bases.items() if v is not None and v > 0}
+    if not found:
+        return None, math.nan
+    label = max(sorted(found), key=found.__getitem__)
+    return label, float(found[label])
+
+
+def efficiency_vs_best(throughput_n: float, n: float, best: float) -> float:
+    """``throughput(N) / (N x best)``: the efficiency against the framework's best single device."""
+    return efficiency(speedup(throughput_n, best), n)

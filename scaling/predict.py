@@ -88,7 +88,8 @@ def render_fit(fit: Fit, targets: Sequence[int] = DEFAULT_TARGETS):
     for row in fit.parameters().itertuples():
         params.add_row(row.model, row.parameter, fmt_param(row.parameter, row.value),
                        f"{fmt_param(row.parameter, row.low)} .. {fmt_param(row.parameter, row.high)}")
-    pred = fit.predict(targets)
+    shown = fit.supported(targets)  # a fit that cannot tell alpha from beta predicts no further than it measured
+    pred = fit.predict(shown)
     table = Table(title="predicted", title_justify="left")
     table.add_column("N", justify="right")
     table.add_column("samples/s (model)", justify="right")
@@ -104,6 +105,10 @@ def render_fit(fit: Fit, targets: Sequence[int] = DEFAULT_TARGETS):
     from rich.markup import escape
 
     notes = [f"[dim]- {escape(n)}[/]" for n in fit.notes]
+    beyond = sorted(set(targets) - set(shown))
+    if beyond:
+        notes.append(f"[dim]- no prediction at N = {', '.join(map(str, beyond))}: beyond the measured N = "
+                     f"{max(fit.measured_n)}, alpha and beta not identifiable[/]")
     return Group(params, *notes, table, "")
 
 

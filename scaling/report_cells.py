@@ -1,15 +1,20 @@
 """Dashboard pieces that follow the cell's identity: the series each plot draws (one line per
-backend, settings and node count, x = total devices, the layout in the hover) and the section with
-the two verdicts per device count and the rule they follow."""
+backend, settings and node count, x = total devices, the layout in the hover), the section with
+the two verdicts per device count and the rule they follow, and each cell's links to its runs'
+records, logs and W&B runs."""
 from __future__ import annotations
 
 import html
 import math
+import os
+import re
+from pathlib import Path
 from typing import Callable, Iterator
+from urllib.parse import quote
 
 import pandas as pd
 
-from scaling import verdicts
+from scaling import analysis, verdicts
 
 
 def series(agg: pd.DataFrame) -> Iterator[tuple[str, str, pd.DataFrame]]:
@@ -65,3 +70,57 @@ def _median(value) -> str:
 
 def rule_paragraph() -> str:
     return f"<p><b>The rule.</b> {html.escape(verdicts.RULE)}</p>"
+
+
+def run_links(cells: pd.DataFrame, agg: pd.DataFrame, out_dir: Path) -> list[str]:
+    """Per aggregate row, HTML links to each repeat's record JSON, its log (the local launcher's
+    ``<run_id>.log`` or a Slurm script's ``<run_id>.<job>.log`` beside the record) and its W&B run
+    (the offline run folder, or the online run's page, that the log names). Links are relative to
+    ``out_dir``, so the dashboard still finds them when the results folder is moved whole."""
+    by_cell = {key: grp for key, grp in cells.groupby(analysis.AGG_KEYS, dropna=False, sort=False)}
+    out = []
+    for row in agg[analysis.AGG_KEYS].itertuples(index=False):
+        runs = by_cell.get(tuple(row))
+        if runs is None:
+            out.append("")
+            continue
+        items = []
+        for r in runs.sort_values("repeat").to_dict("records"):
+            if not r.get("path"):
+                continue
+            record = Path(r["path"])
+            links = [_link(record, out_dir, "record")]
+            logs = sorted(record.parent.glob(f"{record.stem}.log")) + sorted(record.parent.glob(f"{record.stem}.*.log"))
+            links += [_link(log, out_dir, "log") for log in logs]
+            where = _wandb_where(logs)
+            if where:
+                links.append(_link(Path(where), out_dir, "W&B") if "://" not in where
+                             else f"<a href='{html.escape(where)}'>W&amp;B</a>")
+            failed = "" if r["status"] == "ok" else " (failed)"
+            items.append(f"r{r['repeat']}{failed}: " + " ".join(links))
+        out.append("<br>".join(items))
+    return out
+
+
+def _link(path: Path, out_dir: Path, text: str) -> str:
+    href = quote(Path(os.path.relpath(path.resolve(), out_dir.resolve())).as_posix())
+    return f"<a href='{html.escape(href)}'>{html.escape(text)}</a>"
+
+
+def _wandb_where(logs: list[Path]) -> str | None:
+    """The W&B run a run's log names (``tracking.WHERE_NOTES``): an offline folder or a URL."""
+    from scaling.tracking import WHERE_NOTE
+
+    offline = re.compile(re.escape(WHERE_NOTE) + r"offline run (.+?) \(upload")
+    online = re.compile(re.escape(WHERE_NOTE) + r"run (\S+)")
+    for log in logs:
+        try:
+            with log.open(errors="replace") as f:
+                for line in f:
+                    if WHERE_NOTE in line:
+                        found = offline.search(line) or online.search(line)
+                        if found:
+                            return found.group(1)
+        except OSError:
+            continue
+    return None

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import html
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,8 +142,7 @@ def section(loaded: analysis.Loaded, cells: pd.DataFrame, comm_rows: pd.DataFram
     for key, study in table.groupby(analysis.STUDY_KEYS, dropna=False, sort=True):
         k = dict(zip(analysis.STUDY_KEYS, key))
         title = f"{k['sweep']}: {k['workload']} on {k['data']}, {k['scaling']} scaling, variant {k['variant']}"
-        slug = re.sub(r"[^A-Za-z0-9_.=-]", "_", "-".join(str(k[c]) for c in ("sweep", "workload", "workload_params", "data", "scaling", "variant",
-                                                                             "overrides") if k[c]) + "-decomposition")
+        slug = analysis.study_slug(k) + "-decomposition"
         f = figure_class(slug, f"{title}: where the time goes", figure(study, f"{title}: where the time goes"))
         figs.append(f)
         parts.append(f"<h3>{html.escape(title)}</h3>" + fig_html(f) + _table_html(study))

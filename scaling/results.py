@@ -111,7 +111,8 @@ def _study_table(key: tuple, grp: pd.DataFrame):
     table = Table(title=_study_title(key), title_justify="left")
     law = grp["serial_law"].iloc[0]
     cols = [("backend", "l"), ("settings", "l"), ("N", "r"), ("layout", "r"), ("reps", "r"), ("samples/s", "r"),
-            ("min..max", "r"), ("speedup", "r"), ("efficiency", "r"), (f"{law} serial", "r"), ("step p50/p95 ms", "r"),
+            ("min..max", "r"), ("speedup", "r"), ("efficiency", "r"), ("vs best 1-device", "r"),
+            (f"{law} serial", "r"), ("step p50/p95 ms", "r"),
             ("accuracy", "r"), ("time to target", "r")]
     for name, just in cols:
         table.add_column(name, justify="right" if just == "r" else "left")
@@ -120,11 +121,19 @@ def _study_table(key: tuple, grp: pd.DataFrame):
         table.add_row(
             r["backend"], r["settings"] or "-", str(r["N"]), r["layout"], reps, _cell(r["throughput"], ",.0f"),
             f"{_cell(r['throughput_min'], ',.0f')}..{_cell(r['throughput_max'], ',.0f')}",
-            _cell(r["speedup"], ".2f"), _cell(r["efficiency"], ".0%"), _cell(r["serial_fraction"], ".2f"),
+            _cell(r["speedup"], ".2f"), _cell(r["efficiency"], ".0%"), _framework_best(r), _cell(r["serial_fraction"], ".2f"),
             f"{_cell(r['step_time_p50_s'] * 1e3, '.3f')} / {_cell(r['step_time_p95_s'] * 1e3, '.3f')}",
             _cell(r["final_test_accuracy"], ".4f"),
             "not reached" if math.isnan(r["time_to_accuracy_s"]) else f"{r['time_to_accuracy_s']:.1f} s")
     return table
+
+
+def _framework_best(r: dict) -> str:
+    """``54% horovod_tf``: the efficiency against the framework's best single-device cell, named (its
+    samples/s is that cell's own N = 1 row)."""
+    if r["framework_best"] is None:
+        return "-"
+    return f"{_cell(r['efficiency_vs_framework_best'], '.0%')} {r['framework_best']}"
 
 
 def _verdicts(console, cells: pd.DataFrame) -> None:

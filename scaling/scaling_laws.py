@@ -3,7 +3,7 @@
 * strong scaling (fixed total work): Amdahl, ``1/S(N) = f + (1 - f)/N``;
 * weak scaling (work grows with N): Gustafson, ``S(N) = N - s (N - 1)``.
 
-Both are fitted by least squares over the N > 1 median speedups (``scaling.metrics``), the pooled
+Both are fitted by non-negative least squares over the N > 1 median speedups (``scaling.metrics``), the pooled
 counterparts of the per-N Karp-Flatt and Gustafson fractions.
 
 The model's error: the alpha-beta model fitted without one device count predicts it; the largest
@@ -21,15 +21,20 @@ import pandas as pd
 from scaling import metrics
 
 
+def _nonnegative_slope(x: np.ndarray, y: np.ndarray) -> float:
+    """The least-squares ``f >= 0`` of ``y ~ f x`` (``scipy.optimize.nnls`` with one column)."""
+    from scipy.optimize import nnls
+
+    return float(nnls(np.asarray(x, float)[:, None], np.asarray(y, float))[0][0])
+
+
 def amdahl_fraction(n: np.ndarray, speedup: np.ndarray) -> float:
     """Least-squares serial fraction of ``1/S = f + (1-f)/N`` over the N > 1 points, at least 0."""
     n, speedup = np.asarray(n, float), np.asarray(speedup, float)
     keep = (n > 1) & (speedup > 0)
     if not keep.any():
         return math.nan
-    w = 1.0 - 1.0 / n[keep]
-    f = float(np.sum(w * (1.0 / speedup[keep] - 1.0 / n[keep])) / np.sum(w * w))
-    return max(f, 0.0)
+    return _nonnegative_slope(1.0 - 1.0 / n[keep], 1.0 / speedup[keep] - 1.0 / n[keep])
 
 
 def amdahl_speedup(n: np.ndarray | list, f: float) -> np.ndarray:
@@ -43,8 +48,7 @@ def gustafson_fraction(n: np.ndarray, speedup: np.ndarray) -> float:
     keep = (n > 1) & np.isfinite(speedup)
     if not keep.any():
         return math.nan
-    w = n[keep] - 1.0
-    return max(float(np.sum(w * (n[keep] - speedup[keep])) / np.sum(w * w)), 0.0)
+    return _nonnegative_slope(n[keep] - 1.0, n[keep] - speedup[keep])
 
 
 def gustafson_speedup(n: np.ndarray | list, s: float) -> np.ndarray:

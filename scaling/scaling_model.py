@@ -8,7 +8,7 @@ Per backend and workload the per-step time is modelled as compute plus a ring al
 ``alpha`` the per-message latency (s) and ``beta`` the bandwidth (B/s). Weak scaling keeps the
 per-device batch, so ``T_compute(N) = T0``; strong scaling splits a fixed global batch, so
 ``T_compute(N) = T0 / N``. The model is linear in ``(T0, alpha, 1/beta)``, all non-negative, so it
-is fitted by exact non-negative least squares over every repeat's point, in relative terms (each
+is fitted by non-negative least squares (scipy) over every repeat's point, in relative terms (each
 point weighted by 1/T, so N = 1 counts as much as the largest N). The measured step time
 is the *effective* one, ``global_batch / samples_per_s``, so a predicted step time turns into a
 predicted throughput without another assumption.
@@ -25,7 +25,6 @@ Beside it, the scaling mode's serial-fraction law (``scaling.scaling_laws``): Am
 """
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -66,26 +65,18 @@ def step_time(n: Sequence[float] | np.ndarray, theta: Sequence[float], scaling: 
 
 
 def nnls(a: np.ndarray, y: np.ndarray, columns: Sequence[int] | None = None) -> np.ndarray:
-    """Exact non-negative least squares for a handful of columns: the best unconstrained solution
-    over every subset of columns that comes out non-negative (the optimum is one of them).
+    """Non-negative least squares (``scipy.optimize.nnls``) on unit-norm columns, so the compute,
+    latency and bandwidth columns (whose scales differ by ~1e10) are equally well conditioned.
     Columns outside ``columns`` are held at zero."""
+    from scipy.optimize import nnls as scipy_nnls
+
     cols = list(range(a.shape[1])) if columns is None else list(columns)
     norms = np.linalg.norm(a, axis=0)
     norms[norms == 0] = 1.0
-    scaled = a / norms
-    best, best_res = np.zeros(a.shape[1]), float(np.sum(y ** 2))
-    for k in range(1, len(cols) + 1):
-        for subset in itertools.combinations(cols, k):
-            sub = scaled[:, subset]
-            coef, *_ = np.linalg.lstsq(sub, y, rcond=None)
-            if np.any(coef < 0):
-                continue
-            res = float(np.sum((sub @ coef - y) ** 2))
-            if res < best_res - 1e-18 * max(1.0, best_res):
-                best_res = res
-                best = np.zeros(a.shape[1])
-                best[list(subset)] = coef
-    return best / norms
+    coef, _ = scipy_nnls(a[:, cols] / norms[cols], y)
+    out = np.zeros(a.shape[1])
+    out[cols] = coef
+    return out / norms
 
 
 def fit_relative(a: np.ndarray, t: np.ndarray, columns: Sequence[int] | None = None) -> np.ndarray:
@@ -137,6 +128,14 @@ class Fit:
     def label(self) -> str:
         layout = f" / {self.key['nodes']} nodes" if self.key.get("nodes", 1) > 1 else ""
         return f"{self.key['backend']} / {self.key['workload']} / {self.key['data']} / {self.scaling}{layout}"
+
+    def supported(self, targets: Sequence[int]) -> list[int]:
+        """The device counts a prediction may be shown for: all of ``targets`` when alpha and beta are
+        identifiable; otherwise those within the measured range, where the bracket interpolates
+        between measured points (beyond them the data cannot say which cost grows)."""
+        if self.identifiable:
+            return sorted(targets)
+        return sorted(n for n in targets if n <= max(self.measured_n))
 
     def global_batch(self, n: np.ndarray) -> np.ndarray:
         n = np.asarray(n, float)

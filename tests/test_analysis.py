@@ -290,7 +290,10 @@ def test_predict_command(capsys):
     out = capsys.readouterr().out
     assert "alpha" in out and "1024" in out and "validation" in out and "error" in out
     assert predict_command([str(LOCAL_CPU), "--backend", "torch_ddp", "--bootstrap", "20"]) == 0
-    assert "not identifiable" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "not identifiable" in out
+    # N = 1, 2 cannot tell alpha from beta: no number beyond the measured devices, and it says so
+    assert "no prediction at N = 16, 32, 64, 128, 256, 512, 1024" in out and "\n 1024 " not in out
 
 
 def test_gustafson_fit_from_a_closed_form():

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scaling import data
+from scaling import data, download, sharding
 from scaling.data import DataError
 
-FASHION_DEBIAN = Path(data.LOCAL_DIR_DEFAULT["fashion_mnist"])
+FASHION_DEBIAN = Path(download.LOCAL_DIR_DEFAULT["fashion_mnist"])
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +32,7 @@ def mnist_idx_dir(mnist_cache, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("mnist_idx")
     dataset = data.load("mnist", mnist_cache, fetch_missing=False, log=lambda _: None)
     for key, (idx_name, _) in data.ARRAYS.items():
-        payload = data._idx_bytes(getattr(dataset, key))
+        payload = download.idx_bytes(getattr(dataset, key))
         if key.endswith("_y"):
             (folder / f"{idx_name}.gz").write_bytes(gzip.compress(payload, compresslevel=1))
         else:
@@ -96,28 +96,28 @@ def test_fetch_is_idempotent_on_a_valid_cache(mnist_copy):
 
 
 def test_flipped_byte_in_source_idx_is_detected(mnist_idx_dir, tmp_path):
-    expected = data.IDX_MD5["mnist"]["t10k-images-idx3-ubyte"]
+    expected = download.IDX_MD5["mnist"]["t10k-images-idx3-ubyte"]
     good = mnist_idx_dir / "t10k-images-idx3-ubyte"
-    assert data._verify_source_file(good, expected)[:4] == b"\x00\x00\x08\x03"
+    assert download._verify_source_file(good, expected)[:4] == b"\x00\x00\x08\x03"
     bad = tmp_path / good.name
     shutil.copy(good, bad)
     _flip_byte(bad, 16 + 28 * 14 + 14)
     with pytest.raises(DataError) as err:
-        data._verify_source_file(bad, expected)
+        download._verify_source_file(bad, expected)
     message = str(err.value)
     assert str(bad) in message and expected in message and "Fix:" in message
-    assert data._md5(bad.read_bytes()) in message
+    assert download._md5(bad.read_bytes()) in message
 
 
 def test_flipped_byte_in_gzipped_source_is_detected(mnist_idx_dir, tmp_path):
-    expected = data.IDX_MD5["mnist"]["t10k-labels-idx1-ubyte"]
+    expected = download.IDX_MD5["mnist"]["t10k-labels-idx1-ubyte"]
     good = mnist_idx_dir / "t10k-labels-idx1-ubyte.gz"
-    raw = bytearray(data._verify_source_file(good, expected))
+    raw = bytearray(download._verify_source_file(good, expected))
     raw[8] = (raw[8] + 1) % 10  # the first label: 7 -> 8
     bad = tmp_path / good.name
     bad.write_bytes(gzip.compress(bytes(raw)))
     with pytest.raises(DataError, match="md5 mismatch"):
-        data._verify_source_file(bad, expected)
+        download._verify_source_file(bad, expected)
 
 
 def test_csv_conversion_matches_idx(mnist_cache):
@@ -127,11 +127,11 @@ def test_csv_conversion_matches_idx(mnist_cache):
     header = "label," + ",".join(f"{r}x{c}" for r in range(1, 29) for c in range(1, 29))
     rows = [",".join(map(str, [int(y[i]), *x[i].ravel().tolist()])) for i in range(len(y))]
     csv = ("\r\n".join([header, *rows]) + "\r\n").encode()
-    images, labels = data._idx_from_csv(csv, "test.csv")
-    assert images == data._idx_bytes(x) and labels == data._idx_bytes(y)
+    images, labels = download._idx_from_csv(csv, "test.csv")
+    assert images == download.idx_bytes(x) and labels == download.idx_bytes(y)
     bad = csv.replace(b"\r\n7,", b"\r\n7,300,", 1)
     with pytest.raises(DataError, match="test.csv"):
-        data._idx_from_csv(bad, "test.csv")
+        download._idx_from_csv(bad, "test.csv")
 
 
 # --------------------------------------------------------------------------- the cache
@@ -257,7 +257,7 @@ def test_corrupt_local_source_is_refused(mnist_idx_dir, tmp_path, monkeypatch):
     with pytest.raises(DataError) as err:
         data.fetch("mnist", tmp_path / "cache", offline=True, log=lambda _: None)
     assert str(local / "train-images-idx3-ubyte") in str(err.value)
-    assert data.IDX_MD5["mnist"]["train-images-idx3-ubyte"] in str(err.value)
+    assert download.IDX_MD5["mnist"]["train-images-idx3-ubyte"] in str(err.value)
     assert not (tmp_path / "cache" / "mnist").exists()
 
 
@@ -269,8 +269,8 @@ def http_mirror(mnist_idx_dir, tmp_path):
     """Serve gzipped IDX files over HTTP on localhost: /good/ is canonical, /bad/ has a flipped byte."""
     for sub in ("good", "bad"):
         (tmp_path / "www" / sub).mkdir(parents=True)
-    for idx_name in data.IDX_MD5["mnist"]:
-        raw = data._read_source_file(next(mnist_idx_dir.glob(f"{idx_name}*")))
+    for idx_name in download.IDX_MD5["mnist"]:
+        raw = download._read_source_file(next(mnist_idx_dir.glob(f"{idx_name}*")))
         (tmp_path / "www" / "good" / f"{idx_name}.gz").write_bytes(gzip.compress(raw, compresslevel=1))
         flipped = bytearray(raw)
         flipped[-1] ^= 0xFF
@@ -292,7 +292,7 @@ def http_mirror(mnist_idx_dir, tmp_path):
 
 
 def test_fetch_from_mirror_skips_bad_ones(http_mirror, tmp_path, monkeypatch):
-    monkeypatch.setitem(data.MIRRORS, "mnist", (f"{http_mirror}/absent/", f"{http_mirror}/bad/", f"{http_mirror}/good/"))
+    monkeypatch.setitem(download.MIRRORS, "mnist", (f"{http_mirror}/absent/", f"{http_mirror}/bad/", f"{http_mirror}/good/"))
     lines = []
     data.fetch("mnist", tmp_path / "cache", offline=False, log=lines.append)
     data.verify("mnist", tmp_path / "cache")
@@ -340,11 +340,11 @@ def test_synthetic_is_deterministic_fast_and_learnable(tmp_path):
 
 
 def test_epoch_permutation():
-    p = data.epoch_permutation(1000, seed=0, epoch=0)
+    p = sharding.epoch_permutation(1000, seed=0, epoch=0)
     assert np.array_equal(np.sort(p), np.arange(1000))
-    assert np.array_equal(p, data.epoch_permutation(1000, seed=0, epoch=0))
-    assert not np.array_equal(p, data.epoch_permutation(1000, seed=0, epoch=1))
-    assert not np.array_equal(p, data.epoch_permutation(1000, seed=1, epoch=0))
+    assert np.array_equal(p, sharding.epoch_permutation(1000, seed=0, epoch=0))
+    assert not np.array_equal(p, sharding.epoch_permutation(1000, seed=0, epoch=1))
+    assert not np.array_equal(p, sharding.epoch_permutation(1000, seed=1, epoch=0))
     assert np.array_equal(p, np.random.default_rng([0, 0]).permutation(1000))
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from scaling import records
-from scaling.data import epoch_permutation, rank_shard
+from scaling.sharding import epoch_permutation, rank_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.multiprocess

@@ -210,3 +210,19 @@ def test_dashboard_in_headless_chromium(chrome, local_report, tmp_path):
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, dest / "dashboard.png")
         shutil.copy(tmp_path / "throughput.png", dest / "throughput.png")
+
+
+@pytest.mark.browser
+def test_no_table_is_cut_off_at_900_px(chrome, local_report):
+    chrome.set_window_size(900, 1000)
+    chrome.get(local_report.html_path.as_uri())
+    page = chrome.execute_script("return document.documentElement.clientWidth")
+    boxes = chrome.execute_script(
+        "return [...document.querySelectorAll('table')].map(t => { const b = t.parentElement; return ["
+        " b.className, b.getBoundingClientRect().right, t.scrollWidth, b.clientWidth, getComputedStyle(b).overflowX]; })")
+    assert boxes
+    for cls, right, table_width, box_width, overflow in boxes:
+        # every table sits in a box inside the page; a wider table scrolls in it instead of being cut off
+        assert cls == "tw" and right <= page + 1, (cls, right, page)
+        assert table_width <= box_width or overflow == "auto", (table_width, box_width, overflow)
+    assert chrome.execute_script("return document.documentElement.scrollWidth") <= page + 1

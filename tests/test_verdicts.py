@@ -227,3 +227,20 @@ def test_every_reader_prints_the_same_speedup(tmp_path):
         assert 0 < s < 2
         assert exported[key] == pytest.approx(s, rel=1e-12) and dashboard[key] == pytest.approx(s, rel=1e-12)
         assert wandb[key] == pytest.approx(s, rel=1e-12) and bench[key] == pytest.approx(s, rel=1e-12)
+
+
+def test_efficiency_against_the_best_single_device_of_the_framework():
+    recs = [_record(b, f, d, n, r, thr) for (b, f, d, n), values in HAND.items() for r, thr in enumerate(values)]
+    recs += [_record("torch", "torch", 1, 1, r, thr) for r, thr in enumerate([125, 135, 130])]  # median 130
+    agg = analysis.aggregate(analysis.tidy(recs))
+    rows = {(r["backend"], r["layout"]): r for r in agg.to_dict("records")}
+    # torch_ddp at 2x1: median 152.5 over 2 x the fastest torch N = 1 cell (the single-device loop, 130)
+    ddp = rows[("torch_ddp", "2x1")]
+    assert ddp["framework_best"] == "torch" and ddp["framework_best_throughput"] == 130
+    assert ddp["efficiency_vs_framework_best"] == pytest.approx(152.5 / (2 * 130))
+    assert ddp["efficiency"] == pytest.approx(152.5 / 99 / 2)  # against its own N = 1 (median 99), unchanged
+    assert rows[("torch_ddp", "1x1")]["efficiency_vs_framework_best"] == pytest.approx(99 / 130)
+    # TF's only N = 1 cell is tf_multiworker's own: both efficiencies agree
+    tf = rows[("tf_multiworker", "2x1")]
+    assert tf["framework_best"] == "tf_multiworker"
+    assert tf["efficiency_vs_framework_best"] == pytest.approx(tf["efficiency"]) == pytest.approx(185 / 102.5 / 2)

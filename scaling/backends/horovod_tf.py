@@ -13,7 +13,7 @@ import hashlib
 from scaling import settings
 from scaling.backends import RunContext
 from scaling.backends import tf_common
-from scaling.data import epoch_permutation, rank_shard
+from scaling.sharding import epoch_permutation, rank_shard
 from scaling.protocol import Measurement, drive
 
 

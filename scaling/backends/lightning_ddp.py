@@ -3,7 +3,7 @@ through a Callback.
 
 One process per device, started by torchrun locally and by srun under Slurm (Lightning detects
 both environments). The data stays on the device: a sampler hands out this rank's index batches
-(``scaling.data.rank_shard``, re-drawn in ``set_epoch``, which Lightning calls every epoch) and
+(``scaling.sharding.rank_shard``, re-drawn in ``set_epoch``, which Lightning calls every epoch) and
 the dataset gathers them, so Lightning's loop runs as it would for any DataLoader.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from scaling import settings
 from scaling.backends import RunContext
 from scaling.backends import torch_common as tc
 from scaling.backends.torch_ddp import _dist_sum, process_group_backend
-from scaling.data import epoch_permutation, rank_shard
+from scaling.sharding import epoch_permutation, rank_shard
 from scaling.protocol import Measurement
 from scaling.workloads import torch_models
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from scaling.backends import RunContext
 from scaling.backends import tf_common
-from scaling.data import epoch_permutation
+from scaling.sharding import epoch_permutation
 from scaling.protocol import Measurement, drive
 
 

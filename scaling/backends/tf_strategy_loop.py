@@ -4,7 +4,7 @@ It is the loop TensorFlow's distributed-training guide prescribes: model and opt
 ``strategy.scope()``, a ``tf.function`` step that calls ``strategy.run``, per-example losses
 averaged over the *global* batch (``tf.nn.compute_average_loss``), and the Keras optimizer's
 cross-replica gradient all-reduce. Each replica holds the dataset on its device and gathers its
-slice of every global batch there (the layout of ``scaling.data.rank_shard``). The backends differ
+slice of every global batch there (the layout of ``scaling.sharding.rank_shard``). The backends differ
 only in how they build the strategy.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import hashlib
 
 from scaling.backends import RunContext
 from scaling.backends import tf_common
-from scaling.data import epoch_permutation
+from scaling.sharding import epoch_permutation
 from scaling.protocol import Measurement, drive
 
 

@@ -104,7 +104,7 @@ class ShardedSteps:
         self.last_loss: torch.Tensor | None = None
 
     def begin_epoch(self, epoch: int) -> None:
-        from scaling.data import epoch_permutation, rank_shard
+        from scaling.sharding import epoch_permutation, rank_shard
 
         perm = epoch_permutation(self.x.shape[0], self.seed, epoch)
         shard = rank_shard(perm, self.geometry.global_batch, self.rank, self.b)

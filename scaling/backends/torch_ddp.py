@@ -2,7 +2,7 @@
 
 Started by torchrun locally (and by srun under Slurm); rank and world come from the environment.
 Each rank holds the (small) dataset on its device and gathers its own slice of every global batch
-(``scaling.data.rank_shard``), so ranks see disjoint samples and no input pipeline runs between
+(``scaling.sharding.rank_shard``), so ranks see disjoint samples and no input pipeline runs between
 steps: the expert's loop for a tiny model, with DDP's bucketed all-reduce overlapping backward.
 """
 from __future__ import annotations
