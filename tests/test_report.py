@@ -130,7 +130,7 @@ needs_chromium = pytest.mark.skipif(not CHROMIUM, reason="needs Chromium (apt-ge
 def test_png_figures(tmp_path):
     rep = report.build(LOCAL_CPU, tmp_path, png=True, bootstrap=50)
     names = sorted(p.name for p in rep.pngs)
-    expected = [f"local_cpu-mlp-mnist-weak-{f}.png" for f in FIGURES] + ["local_cpu-mlp-mnist-weak-decomposition.png"]
+    expected = [f"local_cpu-mlp-mnist-weak-{f}.png" for f in (*FIGURES, "decomposition")]
     assert names == sorted(expected), rep.problems
     for p in rep.pngs:
         head = p.read_bytes()[:24]
@@ -183,7 +183,7 @@ def test_dashboard_in_headless_chromium(chrome, local_report, tmp_path):
     chrome.get(local_report.html_path.as_uri())
     chrome.execute_async_script("const done = arguments[0]; setTimeout(done, 500);")
     plots = chrome.execute_script("return document.querySelectorAll('.js-plotly-plot').length")
-    assert plots == len(FIGURES)
+    assert plots == len(FIGURES) + 1  # and the decomposition ("where the time goes")
     drawn = chrome.execute_script(
         "return [...document.querySelectorAll('.js-plotly-plot')].map(d => [d.id, d.querySelectorAll('.main-svg').length,"
         " d.querySelectorAll('.scatterlayer .trace, .barlayer .trace').length, d.getBoundingClientRect().height])")
