@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from scaling import records
+from scaling.config import launcher as launcher_of
 from scaling.tracking import WHERE_NOTES
 
 #: after the first dead rank, how long the framework's own launcher gets to stop the rest
@@ -45,12 +46,12 @@ def free_port() -> int:
 
 def processes_for(cfg: dict) -> int:
     """How many worker processes a run starts on this node."""
-    return 1 if cfg["backend"].get("launcher") in ("process", "inprocess") else int(cfg["devices"])
+    return 1 if launcher_of(cfg) in ("process", "inprocess") else int(cfg["devices"])
 
 
 def worker_commands(cfg: dict, config_path: Path) -> list[tuple[list[str], dict[str, str]]]:
     """(argv, extra environment) of each process to start for this run."""
-    launcher = cfg["backend"].get("launcher", "process")
+    launcher = launcher_of(cfg)
     n = int(cfg["devices"])
     worker = ["-m", "scaling.worker", "--config", str(config_path)]
     if launcher in ("process", "inprocess"):
@@ -71,7 +72,7 @@ def worker_commands(cfg: dict, config_path: Path) -> list[tuple[list[str], dict[
             })
             for i in range(n)
         ]
-    raise ValueError(f"backend.launcher={launcher!r}: unknown (process, torchrun, tf_config, horovodrun)")
+    raise ValueError(f"backend.runs_on.launcher={launcher!r}: unknown (process, torchrun, tf_config, horovodrun)")
 
 
 @dataclass

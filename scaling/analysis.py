@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from scaling import metrics
+from scaling.config import runs_on
 from scaling.records import SCHEMA_VERSION, loads_strict
 
 #: what identifies one study (the backends compared with each other)
@@ -169,7 +170,7 @@ def tidy(records: Iterable[dict], paths: Iterable[Path] | None = None) -> pd.Dat
             "status": r.get("status"),
             "error": r.get("error"),
             "backend": _get(cfg, "backend", "name", default="?"),
-            "framework": _get(cfg, "backend", "framework", default="?"),
+            "framework": runs_on(_get(cfg, "backend", default=None) or {}).get("framework", "?"),
             "workload": workload,
             "workload_params": workload_params(_get(cfg, "workload", default={})),
             "settings": fast_settings(_get(cfg, "backend", default={})),

@@ -39,7 +39,7 @@ def _hydra_run() -> int:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
-    from scaling.config import CONF_DIR, ConfigError
+    from scaling.config import CONF_DIR, ConfigError, launcher
 
     status: dict = {"code": 0, "cells": 0, "invalid": 0, "failed": []}
     from scaling.slurm import register_resolvers
@@ -71,7 +71,7 @@ def _hydra_run() -> int:
             status["code"] = 2
             return
         try:
-            if plain["backend"].get("launcher", "inprocess") == "inprocess":
+            if launcher(plain) == "inprocess":
                 record = worker.run(plain)
             else:
                 from scaling.config import validate

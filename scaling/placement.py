@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import threading
 
+from scaling.config import launcher
 from scaling.geometry import cpu_share
 from scaling.protocol import Observer
 
@@ -36,7 +37,7 @@ def mode(cfg: dict) -> str:
 
 def block(cfg: dict, local_rank: int, local_world: int, cores: list[int]) -> list[int]:
     """The cores process ``local_rank`` of ``local_world`` on this node gets."""
-    per_process = int(cfg["devices"]) if cfg["backend"].get("launcher") in ("process", "inprocess") else 1
+    per_process = int(cfg["devices"]) if launcher(cfg) in ("process", "inprocess") else 1
     threads = cfg.get("threads")
     if threads and int(threads) * per_process * local_world <= len(cores):
         per = int(threads) * per_process

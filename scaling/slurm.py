@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from scaling.config import CONF_DIR
+from scaling.config import CONF_DIR, launcher
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "cell.sbatch"
 ROOT = TEMPLATE.parent.parent
@@ -49,7 +49,7 @@ def unrunnable(cfg: dict) -> str | None:
 
 
 def tasks_per_node(cfg: dict) -> int:
-    return tasks_for(cfg["backend"].get("launcher"), cfg["devices"])
+    return tasks_for(launcher(cfg), cfg["devices"])
 
 
 def cpus_per_task(launcher: str, devices: int, cluster: dict) -> int:
@@ -108,7 +108,7 @@ def render_cell(cfg: dict, run_id: str, out_dir: Path) -> Path:
     if any("\n" in line or "\r" in line for line in setup):
         raise RenderError("cluster.env_setup: one shell line per list item, no newlines inside an item")
     worker = f"{shlex.quote(sys.executable)} -m scaling.worker --config {shlex.quote(str(config_path))}"
-    if cfg["backend"].get("launcher") == "horovodrun":
+    if launcher(cfg) == "horovodrun":
         port_file = f'{shlex.quote(str(out_dir.resolve() / run_id))}."$SLURM_JOB_ID".rendezvous' 
         comment = ("# Horovod (gloo): its rendezvous server runs here (horovodrun's job), srun starts one rank per device\n"
                    f"export SCALING_HOROVOD_PORT_FILE={port_file}\n"
@@ -125,7 +125,7 @@ def render_cell(cfg: dict, run_id: str, out_dir: Path) -> Path:
         "job_name": _directive(f"scaling-{run_id}"[:120], "job name"),
         "nodes": _directive(int(slurm.get("nodes", 1)), "cluster.nodes"),
         "tasks_per_node": tasks_per_node(cfg),
-        "cpus_per_task": _directive(cpus_per_task(cfg["backend"].get("launcher"), cfg["devices"], slurm),
+        "cpus_per_task": _directive(cpus_per_task(launcher(cfg), cfg["devices"], slurm),
                                     "cluster.cpus_per_task"),
         "env_setup": "\n".join(["# site set-up (cluster.env_setup)", *setup]) if setup else "",
         "time_limit": _directive(int(slurm.get("time_min") or 60), "cluster.time_min"),
@@ -226,7 +226,7 @@ def slurm_command(argv: list[str]) -> int:
 def geometry(cfg: dict) -> tuple[int, int, int, int]:
     """(nodes, tasks per node, GPUs per node, CPUs per task) of a cell's allocation."""
     gpus = int(cfg["devices"]) if cfg["cluster"].get("gpus", True) else 0
-    cpus = cpus_per_task(cfg["backend"].get("launcher"), cfg["devices"], cfg["cluster"])
+    cpus = cpus_per_task(launcher(cfg), cfg["devices"], cfg["cluster"])
     return int(cfg["cluster"].get("nodes", 1)), tasks_per_node(cfg), gpus, cpus
 
 

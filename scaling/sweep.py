@@ -68,7 +68,7 @@ def failed_cells(results_dir: str | Path, sweep_id: str) -> list[str]:
 def run_cell(cfg: dict[str, Any], task_overrides: list[str], job_num: int) -> dict | None:
     """Run one cell unless it already has an ok record. Returns its record (None if not runnable)."""
     from launch.local import launch
-    from scaling.config import ConfigError, check_results_dir, validate
+    from scaling.config import ConfigError, check_results_dir, launcher, runs_on, validate
 
     sweep_id = cfg.get("sweep_id") or "adhoc"
     run_id = cell_id(cfg, task_overrides)
@@ -88,8 +88,8 @@ def run_cell(cfg: dict[str, Any], task_overrides: list[str], job_num: int) -> di
         return done
     if cfg["cluster"].get("name") == "slurm":
         return _run_in_slurm_task(cfg, tag)
-    if cfg["backend"].get("launcher", "inprocess") == "inprocess":
-        cfg["backend"] = {**cfg["backend"], "launcher": "process"}  # each cell in a fresh process
+    if launcher(cfg) == "inprocess":  # each cell in a fresh process
+        cfg["backend"] = {**cfg["backend"], "runs_on": {**runs_on(cfg["backend"]), "launcher": "process"}}
     print(f"{tag}: running", file=sys.stderr, flush=True)
     t0 = time.monotonic()
     record = launch(cfg)

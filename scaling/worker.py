@@ -13,7 +13,7 @@ from typing import Any
 from scaling import config as config_mod
 from scaling import records, tracking
 from scaling.placement import Placement
-from scaling.protocol import Measurement, Progress, ProtocolConfig, process_start_time
+from scaling.protocol import Measurement, Progress, ProtocolConfig, drive, process_start_time
 
 
 def rank_info() -> tuple[int, int, int, int]:
@@ -80,11 +80,11 @@ def run(cfg: dict[str, Any]) -> dict:
     if "SLURM_JOB_ID" in os.environ:
         _handle_slurm_signals(cfg, rank, run_id, interruption)
         slurm_rendezvous()
-        if cfg["backend"].get("launcher") == "horovodrun" and "HOROVOD_RANK" not in os.environ:
+        if config_mod.launcher(cfg) == "horovodrun" and "HOROVOD_RANK" not in os.environ:
             _horovod_under_srun(cfg, run_id)
     try:
         from scaling import data
-        from scaling.backends import RunContext, load_backend
+        from scaling.backends import RunContext, build
         from scaling.geometry import plan
 
         dcfg = cfg["data"]
@@ -94,7 +94,7 @@ def run(cfg: dict[str, Any]) -> dict:
         dataset = data.load(dcfg["name"], cache_dir=dcfg.get("cache_dir"), seed=cfg["seed"], log=log)
         ctx = RunContext(config=cfg, dataset=dataset, geometry=plan(cfg), rank=rank, world_size=world,
                          local_rank=local_rank, local_world_size=local_world)
-        backend = load_backend(cfg["backend"]["_target_"])(ctx)
+        backend = build(cfg["backend"], ctx)
         placer.settle()  # the framework's threads exist now
         announce(phase="training")
         # a backend that starts its own processes (Lightning) knows the rank only now
@@ -114,7 +114,7 @@ def run(cfg: dict[str, Any]) -> dict:
                             sync=backend.sync, device_memory_peak=backend.device_memory_peak,
                             observers=[o for o in (progress, tracker, placer) if o],
                             events=getattr(backend, "step_events", lambda: None)())
-        backend.train(meter)
+        drive(backend, meter, int(cfg["train"]["epochs"]), cfg["train"].get("max_steps_per_epoch"))
         metrics = meter.result(process_start)
         metrics["steps_per_epoch"] = backend.steps_per_epoch
         metrics["per_device_batch"] = ctx.geometry.per_device_batch

@@ -15,6 +15,7 @@ import numpy as np
 
 from scaling import comm, records, tracking
 from scaling import worker as train_worker
+from scaling.config import launcher
 from scaling.placement import Placement
 
 
@@ -51,7 +52,7 @@ def run(cfg: dict[str, Any]) -> dict:
     rank, world, local_rank, local_world = train_worker.rank_info()
     if "SLURM_JOB_ID" in os.environ:
         train_worker.slurm_rendezvous()
-        if cfg["backend"].get("launcher") == "horovodrun" and "HOROVOD_RANK" not in os.environ:
+        if launcher(cfg) == "horovodrun" and "HOROVOD_RANK" not in os.environ:
             train_worker._horovod_under_srun(cfg, cfg.get("run_name"))
     placer = Placement(cfg, local_rank, local_world)
     pinned = placer.apply()
