@@ -35,6 +35,10 @@ def runs_on(backend: dict) -> dict:
     return {k: backend[k] for k in RUNS_ON if k in backend}
 
 
+#: how a run's workers start (launch/local.py; scaling/slurm.py under Slurm)
+LAUNCHERS = ("inprocess", "process", "torchrun", "horovodrun", "tf_config")
+
+
 def launcher(cfg: dict) -> str:
     """How a run's workers start (``runs_on.launcher``; ``inprocess`` when the YAML says nothing)."""
     return runs_on(cfg["backend"]).get("launcher") or "inprocess"
@@ -105,6 +109,8 @@ def validate(cfg: dict) -> None:
     facts = runs_on(cfg["backend"])
     if not facts.get("framework"):
         raise ConfigError(f"backend={cfg['backend']['name']}: its YAML's runs_on block names no framework (tf, torch)")
+    if launcher(cfg) not in LAUNCHERS:
+        raise ConfigError(f"backend.runs_on.launcher={launcher(cfg)!r}: unknown. Fix: one of {', '.join(LAUNCHERS)}")
     from scaling.data import DATASETS
     from scaling.workloads import WORKLOADS
 

@@ -314,10 +314,6 @@ class Measurement:
         for o in self._observers:
             o.evaluated(epoch, loss, accuracy)
 
-    def now(self) -> float:
-        """The protocol's clock, for backends that time their own evaluation."""
-        return self._clock()
-
     # -- result -------------------------------------------------------------------------------
     def train_start_wall(self) -> float | None:
         """Epoch seconds of the first training step, for the startup figure."""

@@ -78,6 +78,16 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed * 1000 + rank
 
 
+def horovod_environment(hvd: Any, env: dict[str, Any], world: int) -> dict[str, Any]:
+    """A framework's environment plus Horovod's version, build and size (``hvd``: horovod.torch or
+    horovod.tensorflow; asked after ``close`` too, so only build facts are read from it)."""
+    import horovod
+
+    env["frameworks"]["horovod"] = horovod.__version__
+    env["horovod"] = {"gloo": hvd.gloo_built(), "nccl": bool(hvd.nccl_built()), "size": world}
+    return env
+
+
 def check_one_per_device(backend: str, count: int, devices: int, what: str = "processes") -> None:
     """Refuse a run whose ranks (or replicas) do not match its devices one to one."""
     if count != devices:

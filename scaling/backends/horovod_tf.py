@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 
 from scaling import settings
-from scaling.backends import RunContext, check_one_per_device, rank_seed
+from scaling.backends import RunContext, check_one_per_device, horovod_environment, rank_seed
 from scaling.backends import tf_common
 from scaling.data import epoch_permutation, rank_shard
 
@@ -45,9 +45,8 @@ class HorovodTF(tf_common.DrivenSteps):
         b = g.per_device_batch
         ds = ctx.dataset
         self.n = len(ds.train_y)
+        x, y, self.test_x, self.test_y = tf_common.resident(ds)
         with tf.device(tf_common.device_name()):
-            x, y = tf_common.to_tensors(ds.train_x, ds.train_y)
-            self.test_x, self.test_y = tf_common.to_tensors(ds.test_x, ds.test_y)
             self.shard = shard = tf.Variable(tf.zeros([self.n // g.global_batch * b], tf.int32), trainable=False)
         self.steps_per_epoch = self.n // g.global_batch
         model, optimizer = tf_common.model_and_adam(ctx)
@@ -94,12 +93,7 @@ class HorovodTF(tf_common.DrivenSteps):
         return settings.horovod_in_force()
 
     def environment(self) -> dict:
-        import horovod
-
-        env = tf_common.environment()
-        env["frameworks"]["horovod"] = horovod.__version__
-        env["horovod"] = {"gloo": self.hvd.gloo_built(), "nccl": bool(self.hvd.nccl_built()), "size": self.world}
-        return env
+        return horovod_environment(self.hvd, tf_common.environment(), self.world)
 
     def close(self) -> None:
         self.hvd.shutdown()

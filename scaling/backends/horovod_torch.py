@@ -10,7 +10,7 @@ import horovod.torch as hvd
 import torch
 
 from scaling import settings
-from scaling.backends import RunContext, check_one_per_device, rank_seed
+from scaling.backends import RunContext, check_one_per_device, horovod_environment, rank_seed
 from scaling.backends import torch_common as tc
 
 
@@ -45,12 +45,7 @@ class HorovodTorch(tc.DrivenSteps):
         return settings.horovod_in_force()
 
     def environment(self) -> dict:
-        import horovod
-
-        env = tc.environment(self.device)
-        env["frameworks"]["horovod"] = horovod.__version__
-        env["horovod"] = {"gloo": hvd.gloo_built(), "nccl": bool(hvd.nccl_built()), "size": self.world}
-        return env
+        return horovod_environment(hvd, tc.environment(self.device), self.world)
 
     def close(self) -> None:
         hvd.shutdown()

@@ -22,9 +22,8 @@ class TFSingleDevice(tf_common.DrivenSteps):
         keras.utils.set_random_seed(ctx.seed)
         self.global_batch = b = ctx.geometry.global_batch
         ds = ctx.dataset
+        x, y, self.test_x, self.test_y = tf_common.resident(ds)
         with tf.device(tf_common.device_name()):
-            x, y = tf_common.to_tensors(ds.train_x, ds.train_y)
-            self.test_x, self.test_y = tf_common.to_tensors(ds.test_x, ds.test_y)
             self.perm = perm = tf.Variable(tf.zeros([ds.train_x.shape[0]], tf.int32), trainable=False)
         self.n = int(x.shape[0])
         self.steps_per_epoch = self.n // b
