@@ -37,10 +37,6 @@ class RunContext:
     local_world_size: int = 1
 
     @property
-    def train(self) -> dict[str, Any]:
-        return self.config["train"]
-
-    @property
     def seed(self) -> int:
         return int(self.config["seed"])
 
