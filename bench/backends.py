@@ -19,12 +19,13 @@ import tempfile
 from pathlib import Path
 
 from scaling import metrics
+from scaling.config import frameworks
 
-BASELINE = {"torch": "torch", "tf": "tf"}
-BACKENDS = {  # backend -> framework
-    "torch_ddp": "torch", "lightning_ddp": "torch", "horovod_torch": "torch",
-    "tf_mirrored": "tf", "tf_multiworker": "tf", "horovod_tf": "tf",
-}
+#: each framework's plain single-device loop (its backend is named after the framework)
+BASELINE = {fw: fw for fw in sorted(set(frameworks().values()))}
+#: the distributed backends measured by default, and each one's framework (from its YAML)
+BACKENDS = {b: frameworks()[b] for b in ("torch_ddp", "lightning_ddp", "horovod_torch",
+                                         "tf_mirrored", "tf_multiworker", "horovod_tf")}
 
 
 def run(backend: str, devices: int, rep: int, args: argparse.Namespace, results: Path) -> dict:
@@ -70,7 +71,7 @@ def main() -> None:
         b1 = summary[(base, 1)]
         print(f"| {base} (plain single-device loop) | {b1['median']:,.0f} ({b1['min']:,.0f}-{b1['max']:,.0f}) | 1.00 | - | - |")
     for b in backends:
-        one, two, base = summary[(b, 1)], summary[(b, 2)], summary[(BASELINE[BACKENDS[b]], 1)]
+        one, two, base = summary[(b, 1)], summary[(b, 2)], summary[(BASELINE[frameworks()[b]], 1)]
         print(f"| {b} | {one['median']:,.0f} ({one['min']:,.0f}-{one['max']:,.0f}) | {one['median'] / base['median']:.2f} "
               f"| {two['median']:,.0f} ({two['min']:,.0f}-{two['max']:,.0f}) | {two['speedup']:.2f} |")
 

@@ -17,7 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-PAIRS = {"torch": ("torch_textbook", "torch"), "tf": ("tf_textbook", "tf")}
+from scaling.config import frameworks
+
+#: framework -> (its textbook loop, its tuned loop), the single-device backends of each framework
+PAIRS = {fw: (f"{fw}_textbook", fw) for fw in sorted(set(frameworks().values()))}
 
 
 def run(backend: str, args: argparse.Namespace, results: Path, rep: int) -> dict:

@@ -23,6 +23,7 @@ from typing import Callable
 
 from launch import horovod_slurm
 from scaling.config import ConfigError
+from scaling.config import launcher as launcher_name
 
 #: the processes to start for one run: (argv, extra environment) each
 Commands = list[tuple[list[str], dict[str, str]]]
@@ -97,13 +98,13 @@ def get(name: str) -> Launcher:
     try:
         return LAUNCHERS[name]
     except KeyError:
-        raise ConfigError(f"backend.launcher={name!r}: unknown. Fix: one of {', '.join(LAUNCHERS)} "
+        raise ConfigError(f"backend.runs_on.launcher={name!r}: unknown. Fix: one of {', '.join(LAUNCHERS)} "
                           "(or register one in launch/launchers.py)") from None
 
 
 def of(cfg: dict) -> Launcher:
     """The launcher of a run's config (a backend that names none runs in one process)."""
-    return get(cfg["backend"].get("launcher") or "inprocess")
+    return get(launcher_name(cfg))
 
 
 register(Launcher("inprocess", task_per_device=False, local=one_process, in_process=True,

@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from scaling import metrics
+from scaling.config import runs_on
 from scaling.records import SCHEMA_VERSION, loads_strict
 
 #: what identifies one study (the backends compared with each other)
@@ -148,7 +149,7 @@ def fast_settings(backend: dict) -> str:
 def framework(cfg: dict) -> str:
     """The framework (``tf``, ``torch``) of a record's backend: the one place that reads it from
     the config, so the verdicts, the colours and the framework's best single device follow it."""
-    return str(_get(cfg, "backend", "framework", default="?"))
+    return str(runs_on(_get(cfg, "backend", default=None) or {}).get("framework", "?"))
 
 
 def run_conditions(record: dict) -> str:

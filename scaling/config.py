@@ -22,6 +22,37 @@ def available(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+#: a backend YAML's placement facts, in its ``runs_on`` block (not constructor arguments)
+RUNS_ON = ("framework", "launcher", "max_devices", "max_nodes", "fast_modes")
+
+
+def runs_on(backend: dict) -> dict:
+    """A backend config's placement facts: its ``runs_on`` block (records written before the block
+    existed kept these keys at the backend's top level; they read the same)."""
+    facts = backend.get("runs_on")
+    if isinstance(facts, dict):
+        return facts
+    return {k: backend[k] for k in RUNS_ON if k in backend}
+
+
+def launcher(cfg: dict) -> str:
+    """How a run's workers start (``runs_on.launcher``; ``inprocess`` when the YAML says nothing)."""
+    return runs_on(cfg["backend"]).get("launcher") or "inprocess"
+
+
+def backends() -> dict[str, dict]:
+    """Every backend YAML in ``conf/backend``, by name, as written (the one place benches and tests
+    learn a backend's framework and limits from)."""
+    import yaml
+
+    return {p.stem: yaml.safe_load(p.read_text()) for p in sorted((CONF_DIR / "backend").glob("*.yaml"))}
+
+
+def frameworks() -> dict[str, str]:
+    """Each backend's framework (``tf``, ``torch``), from its YAML."""
+    return {name: runs_on(b)["framework"] for name, b in backends().items()}
+
+
 def _positive_int(cfg: dict, dotted: str, allow_none: bool = False) -> None:
     value: Any = cfg
     for key in dotted.split("."):
@@ -71,6 +102,9 @@ def validate(cfg: dict) -> None:
             raise ConfigError(f"{group}: missing. Fix: choose one of {available(group)}, e.g. {group}={available(group)[0]}")
     if "_target_" not in cfg["backend"]:
         raise ConfigError(f"backend={cfg['backend']['name']}: its YAML names no _target_ class")
+    facts = runs_on(cfg["backend"])
+    if not facts.get("framework"):
+        raise ConfigError(f"backend={cfg['backend']['name']}: its YAML's runs_on block names no framework (tf, torch)")
     from scaling.data import DATASETS
     from scaling.workloads import WORKLOADS
 
@@ -98,14 +132,15 @@ def validate(cfg: dict) -> None:
     _positive_int(cfg, "cluster.nodes")
     from scaling.geometry import GeometryError, plan
 
-    if cfg["backend"].get("max_nodes") is not None and cfg["cluster"]["nodes"] > cfg["backend"]["max_nodes"]:
-        raise ConfigError(f"backend={cfg['backend']['name']} runs on {cfg['backend']['max_nodes']} node(s), not "
+    if facts.get("max_nodes") is not None and cfg["cluster"]["nodes"] > facts["max_nodes"]:
+        raise ConfigError(f"backend={cfg['backend']['name']} runs on {facts['max_nodes']} node(s), not "
                           f"{cfg['cluster']['nodes']}. Fix: cluster.nodes=1, or tf_multiworker across nodes")
-    most = cfg["backend"].get("max_devices")
+    most = facts.get("max_devices")
     total = cfg["devices"] * cfg["cluster"]["nodes"]
     if most is not None and total > most:
+        distributed = [name for name, b in backends().items() if runs_on(b).get("max_devices") is None]
         raise ConfigError(f"backend={cfg['backend']['name']} trains on {most} device(s), not {total}. "
-                          f"Fix: devices=1, or a distributed backend ({', '.join(b for b in available('backend') if '_' in b and 'textbook' not in b)})")
+                          f"Fix: devices=1, or a distributed backend ({', '.join(distributed)})")
 
     try:
         geometry = plan(cfg)
@@ -127,12 +162,12 @@ def validate(cfg: dict) -> None:
 
 
 def _check_fast_mode(cfg: dict) -> None:
-    """``backend.fast`` must be one of the backend's ``fast_modes``; graph capture needs a GPU."""
+    """``backend.fast`` must be one of the backend's ``runs_on.fast_modes``; graph capture needs a GPU."""
     backend = cfg["backend"]
     fast = backend.get("fast")
     if fast is None:
         return
-    modes = list(backend.get("fast_modes") or ["none"])
+    modes = list(runs_on(backend).get("fast_modes") or ["none"])
     if fast not in modes:
         raise ConfigError(f"backend.fast={fast!r}: backend={backend['name']} offers {', '.join(modes)}. "
                           f"Fix: backend.fast={modes[0]}" + (f" (or one of {', '.join(modes[1:])})" if len(modes) > 1 else ""))

@@ -16,8 +16,10 @@ What counts, in every framework alike:
   target accuracy (training and evaluation time both count, as in MLPerf's time-to-train).
 
 No framework is imported here: backends hand in a ``sync`` callable and their own device memory
-probe, and either let :func:`drive` run their steps or call the hooks from their framework's loop
-(Keras callbacks, Lightning hooks).
+probe. The worker calls :func:`drive`: it runs the steps of a backend that exposes them
+(:class:`SteppedTrainer`), or hands the meter to a backend whose framework owns the loop
+(:class:`LoopOwner`: Keras ``fit``, Lightning, the textbook loops), which makes one call per step
+(``step_end``) and one per evaluation (``epoch_end``) from that loop's hooks.
 """
 from __future__ import annotations
 
@@ -49,7 +51,17 @@ class SteppedTrainer(Protocol):
     def begin_epoch(self, epoch: int) -> None: ...
     def train_steps(self, n: int) -> None: ...
     def sync(self) -> None: ...
+    def loss(self) -> float: ...
     def evaluate(self) -> tuple[float, float]: ...
+
+
+@runtime_checkable
+class LoopOwner(Protocol):
+    """What a backend whose framework runs the loop provides: ``fit`` trains ``epochs`` epochs (at most
+    ``max_steps_per_epoch`` steps each), calling ``epoch_begin``, ``step_begin``, ``step_end`` and
+    ``epoch_end`` of the meter from that loop's hooks."""
+
+    def fit(self, meter: "Measurement", epochs: int, max_steps_per_epoch: int | None) -> None: ...
 
 
 @runtime_checkable
@@ -187,8 +199,18 @@ class Measurement:
         if self._events is not None and not self._pending:
             self._chain_mark = self._events.mark()
 
-    def step_end(self, steps: int = 1, samples: int | None = None) -> None:
-        """Close a call of ``steps`` optimizer steps (``samples`` global samples; default full batches)."""
+    def step_end(self, steps: int = 1, samples: int | None = None, loss: Callable[[], float] | None = None) -> None:
+        """Close a call of ``steps`` optimizer steps (``samples`` global samples; default full batches).
+
+        ``loss`` returns the global batch's training loss; it is called (and recorded) only when the
+        call crossed a multiple of ``log_every``, since fetching it may wait for the device or all-reduce.
+        """
+        before = self.steps_done
+        self._close_step(steps, samples)
+        if loss is not None and self.wants_loss(before):
+            self.record_loss(loss())
+
+    def _close_step(self, steps: int, samples: int | None) -> None:
         if self._step_start is None:
             raise RuntimeError("step_end without step_begin")
         samples = self.global_batch * steps if samples is None else samples
@@ -263,7 +285,16 @@ class Measurement:
         for o in self._observers:
             o.logged(self.steps_done, {"train_loss": float(loss)})
 
-    def epoch_end(self, epoch: int) -> None:
+    def epoch_end(self, epoch: int, evaluate: Callable[[], tuple[float, float]] | None = None) -> None:
+        """Close the epoch's timing; with ``evaluate`` (returning test loss and accuracy), run and
+        time the evaluation after it and record its result (:meth:`evaluated`)."""
+        self._close_epoch()
+        if evaluate is not None:
+            t0 = self._clock()
+            loss, accuracy = evaluate()
+            self.evaluated(epoch, loss, accuracy, self._clock() - t0)
+
+    def _close_epoch(self) -> None:
         self.flush()
         now = self._clock()
         assert self._epoch_start is not None, "epoch_end without epoch_begin"
@@ -285,10 +316,6 @@ class Measurement:
             self.epoch_reaching_target = epoch + 1
         for o in self._observers:
             o.evaluated(epoch, loss, accuracy)
-
-    def now(self) -> float:
-        """The protocol's clock, for backends that time their own evaluation."""
-        return self._clock()
 
     # -- result -------------------------------------------------------------------------------
     def train_start_wall(self) -> float | None:
@@ -333,8 +360,25 @@ class Measurement:
         }
 
 
-def drive(trainer: SteppedTrainer, meter: Measurement, epochs: int, max_steps_per_epoch: int | None = None) -> None:
-    """The training loop for backends that expose single steps: epochs of timed calls, then evaluation."""
+def drive(trainer: "SteppedTrainer | LoopOwner", meter: Measurement, epochs: int,
+          max_steps_per_epoch: int | None = None) -> None:
+    """The training loop: epochs of timed calls of a backend's steps, each followed by evaluation.
+
+    A :class:`LoopOwner` runs its framework's loop instead, calling the same meter hooks. Either
+    way the backend's ``close`` (leaving its process group) runs last, whatever happened.
+    """
+    try:
+        if isinstance(trainer, LoopOwner):
+            trainer.fit(meter, epochs, max_steps_per_epoch)
+        else:
+            _drive_steps(trainer, meter, epochs, max_steps_per_epoch)
+    finally:
+        close = getattr(trainer, "close", None)
+        if close is not None:
+            close()
+
+
+def _drive_steps(trainer: SteppedTrainer, meter: Measurement, epochs: int, max_steps_per_epoch: int | None) -> None:
     steps = trainer.steps_per_epoch
     if max_steps_per_epoch:
         steps = min(steps, max_steps_per_epoch)
@@ -344,17 +388,11 @@ def drive(trainer: SteppedTrainer, meter: Measurement, epochs: int, max_steps_pe
         done = 0
         while done < steps:
             k = min(trainer.steps_per_call, steps - done)
-            before = meter.steps_done
             meter.step_begin()
             trainer.train_steps(k)
-            meter.step_end(k)
-            if meter.wants_loss(before):
-                meter.record_loss(trainer.loss())
+            meter.step_end(k, loss=lambda: trainer.loss())
             done += k
-        meter.epoch_end(epoch)
-        t0 = meter.now()
-        loss, acc = trainer.evaluate()
-        meter.evaluated(epoch, loss, acc, meter.now() - t0)
+        meter.epoch_end(epoch, trainer.evaluate)
 
 
 class Observer:

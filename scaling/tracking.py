@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from scaling import records
+from scaling.config import runs_on
 from scaling.protocol import Observer
 
 from scaling.secrets import REDACTED, _netrc_key, known_secrets, scrub_secrets  # noqa: F401  (re-exported)
@@ -268,7 +269,7 @@ def run_tags(cfg: dict) -> list[str]:
     device = cfg.get("device", "auto")
     kind = "gpu" if device == "cuda" or (device == "auto" and os.path.exists("/dev/nvidiactl")) else "cpu"
     backend = cfg.get("backend") or {}
-    return [str(t) for t in (backend.get("name"), backend.get("framework"), kind, cfg.get("variant") or "defaults",
+    return [str(t) for t in (backend.get("name"), runs_on(backend).get("framework"), kind, cfg.get("variant") or "defaults",
                              (cfg.get("workload") or {}).get("name")) if t]
 
 

@@ -17,7 +17,7 @@ from scaling import records, settings, sinks, tracking
 from scaling.naming import default_run_id
 from scaling.process import announce, die_with_parent, rank_info
 from scaling.placement import Placement
-from scaling.protocol import Measurement, Progress, ProtocolConfig, process_start_time
+from scaling.protocol import Measurement, Progress, ProtocolConfig, drive, process_start_time
 from scaling.rank_clock import RankClock
 
 
@@ -57,13 +57,13 @@ def run(cfg: dict[str, Any]) -> dict:
     interruption: dict[str, Any] = {}
     slurm_env.set_up(cfg, rank, run_id, interruption)  # under srun: signals, the launcher's rendezvous
     try:
-        from scaling.backends import RunContext, load_backend
+        from scaling.backends import RunContext, build
         from scaling.geometry import plan
 
         dataset = _dataset(cfg, rank)
         ctx = RunContext(config=cfg, dataset=dataset, geometry=plan(cfg), rank=rank, world_size=world,
                          local_rank=local_rank, local_world_size=local_world)
-        backend = load_backend(cfg["backend"]["_target_"])(ctx)
+        backend = build(cfg["backend"], ctx)
         placer.settle()  # the framework's threads exist now
         announce(phase="training")
         # a backend that starts its own processes (Lightning) knows the rank only now
@@ -77,7 +77,7 @@ def run(cfg: dict[str, Any]) -> dict:
                             sync=backend.sync, device_memory_peak=backend.device_memory_peak,
                             observers=[o for o in (progress, tracker, placer, clock) if o],
                             events=getattr(backend, "step_events", lambda: None)())
-        backend.train(meter)
+        drive(backend, meter, int(cfg["train"]["epochs"]), cfg["train"].get("max_steps_per_epoch"))
         metrics, error = _figures(meter, backend, ctx.geometry, process_start, tracker_start_s, rank)
         digest = getattr(backend, "param_digests", None)
         rank_summary["param_digests"] = digest() if digest else None

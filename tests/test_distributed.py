@@ -12,20 +12,16 @@ import numpy as np
 import pytest
 
 from scaling import records
+from scaling.config import frameworks
 from scaling.sharding import epoch_permutation, rank_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.multiprocess
 
-# backend -> (framework module, its single-device twin)
-BACKENDS = {
-    "torch_ddp": ("torch", "torch"),
-    "lightning_ddp": ("pytorch_lightning", "torch"),
-    "tf_mirrored": ("tensorflow", "tf"),
-    "tf_multiworker": ("tensorflow", "tf"),
-    "horovod_torch": ("horovod.torch", "torch"),
-    "horovod_tf": ("horovod.tensorflow", "tf"),
-}
+# backend -> (the module it needs, its single-device twin: the tuned loop of its YAML's framework)
+NEEDS = {"torch_ddp": "torch", "lightning_ddp": "pytorch_lightning", "tf_mirrored": "tensorflow",
+         "tf_multiworker": "tensorflow", "horovod_torch": "horovod.torch", "horovod_tf": "horovod.tensorflow"}
+BACKENDS = {name: (module, frameworks()[name]) for name, module in NEEDS.items()}
 STEPS = 30
 #: over the first STEPS steps, mean and max relative difference of the global-batch training loss
 #: between 2 workers and 1 worker at the same global batch; dropout masks differ, nothing else

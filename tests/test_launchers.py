@@ -52,7 +52,7 @@ def new_launcher():
 
 @pytest.mark.parametrize("path", sorted((CONF_DIR / "backend").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_backend_names_a_launcher_in_the_table(path):
-    name = yaml.safe_load(path.read_text())["launcher"]
+    name = yaml.safe_load(path.read_text())["runs_on"]["launcher"]
     entry = launchers.get(name)
     commands = entry.local(2, ["-m", "scaling.worker", "--config", "c.json"])
     assert commands and all(argv and "scaling.worker" in argv for argv, _ in commands)
@@ -132,7 +132,7 @@ def test_a_new_launcher_runs_a_two_worker_cell_locally(new_launcher, tmp_path):
     assert record["status"] == "ok", record["error"]
     assert [r["rank"] for r in record["ranks"]] == [0, 1] and record["environment"]["world_size"] == 2
     assert record["metrics"]["ranks_in_sync"] is True
-    assert record["config"]["backend"]["launcher"] == new_launcher.name
+    assert record["config"]["backend"]["runs_on"]["launcher"] == new_launcher.name
 
 
 def test_no_module_but_the_table_names_a_launcher():

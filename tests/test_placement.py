@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def cfg_for(launcher="torchrun", devices=2, threads=1, mode="core", device="cpu"):
-    return {"backend": {"launcher": launcher}, "devices": devices, "threads": threads, "placement": mode,
+    return {"backend": {"runs_on": {"launcher": launcher}}, "devices": devices, "threads": threads, "placement": mode,
             "device": device}
 
 

@@ -197,3 +197,41 @@ def test_sync_every_without_device_events_syncs_every_step():
         meter.step_end()
     meter.epoch_end(0)
     assert len(synced) == 5 and meter.result()["sync_every"] == 1
+
+
+def test_a_loop_the_framework_owns_makes_one_call_per_step_and_one_per_evaluation():
+    """Keras fit, Lightning and the textbook loops call step_end and epoch_end from their hooks: the
+    loss is fetched only at log points, the evaluation is timed, and drive closes the backend."""
+    clock = FakeClock()
+    fetched = []
+
+    def loss():
+        fetched.append(clock.now)
+        return 0.5
+
+    def evaluate():
+        clock.now += 1.0
+        return 0.2, 0.98
+
+    class Owner:
+        closed = False
+
+        def fit(self, meter, epochs, max_steps_per_epoch):
+            for epoch in range(epochs):
+                meter.epoch_begin(epoch)
+                for _ in range(max_steps_per_epoch):
+                    meter.step_begin()
+                    clock.now += 0.01
+                    meter.step_end(1, loss=loss)
+                meter.epoch_end(epoch, evaluate)
+
+        def close(self):
+            self.closed = True
+
+    owner = Owner()
+    meter = Measurement(ProtocolConfig(warmup_steps=2, log_every=4), global_batch=8, devices=1, clock=clock)
+    drive(owner, meter, epochs=2, max_steps_per_epoch=6)
+    assert [step for step, _ in meter.train_loss] == [4, 8, 12] and len(fetched) == 3
+    assert meter.eval_times == pytest.approx([1.0, 1.0]) and meter.accuracy_per_epoch == [0.98, 0.98]
+    assert meter.steps_done == 12 and len(meter.step_times) == 10 and meter.epoch_reaching_target == 1
+    assert owner.closed

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from scaling import records
+from scaling.config import frameworks
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ["torch", "tf", "torch_textbook", "tf_textbook"]
@@ -28,8 +29,7 @@ def only_record(results_dir):
 
 
 def _framework_available(backend):
-    module = "tensorflow" if backend.startswith("tf") else "torch"
-    pytest.importorskip(module)
+    pytest.importorskip({"tf": "tensorflow", "torch": "torch"}[frameworks()[backend]])
 
 
 @pytest.mark.parametrize("backend", ["torch", "tf"])

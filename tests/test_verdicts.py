@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from scaling import analysis, report, report_cells, tracking_sweep, verdicts
+from scaling.config import frameworks
 from scaling.results import results_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,8 +129,8 @@ def _seed_claim_design() -> tuple[int, int]:
     params = cfg["hydra"]["sweeper"]["params"]
     repeats = len(str(params["repeat"]).split(","))
     backends = str(params["backend"]).split(",")
-    pairs = sum(b.startswith(("tf", "horovod_tf")) for b in backends) * sum(
-        not b.startswith(("tf", "horovod_tf")) for b in backends)
+    framework = frameworks()  # each backend's, from its YAML
+    pairs = sum(framework[b] == "tf" for b in backends) * sum(framework[b] == "torch" for b in backends)
     return repeats, pairs
 
 

@@ -15,12 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from scaling import settings
-from scaling.backends import RunContext
+from scaling.backends import RunContext, rank_seed, warm_up
 from scaling.backends import torch_common as tc
-from scaling.backends.torch_ddp import _dist_sum, process_group_backend
 from scaling.sharding import epoch_permutation, rank_shard
 from scaling.protocol import Measurement
-from scaling.workloads import torch_models
 
 for _name in ("lightning.pytorch", "pytorch_lightning", "lightning.fabric", "lightning_fabric"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -71,10 +69,7 @@ class Module(pl.LightningModule):
         self.model, self.geometry = model, geometry
 
     def training_step(self, batch, batch_idx):
-        step = self.global_step
-        if step < self.geometry.lr_warmup_steps:
-            for group in self.optimizers().optimizer.param_groups:
-                group["lr"] = self.geometry.lr_at(step)
+        warm_up(self.geometry, self.global_step, lambda lr: tc.set_lr(self.optimizers().optimizer, lr))
         x, y = batch
         return F.nll_loss(self.model(x), y)
 
@@ -97,75 +92,54 @@ class ProtocolCallback(pl.Callback):
         self.meter.step_begin()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        before = self.meter.steps_done
-        self.meter.step_end(1)
-        if self.meter.wants_loss(before):
-            value = outputs["loss"].detach().clone()
-            torch.distributed.all_reduce(value)
-            self.meter.record_loss(float(value) / trainer.world_size)
+        self.meter.step_end(1, loss=lambda: float(tc.dist_sum(outputs["loss"].detach().clone())) / trainer.world_size)
 
     def on_train_epoch_end(self, trainer, pl_module):
-        epoch = trainer.current_epoch
-        self.meter.epoch_end(epoch)
-        t0 = self.meter.now()
-        loss, acc = self.backend.evaluate()
-        self.meter.evaluated(epoch, loss, acc, self.meter.now() - t0)
+        self.meter.epoch_end(trainer.current_epoch, self.backend.evaluate)
 
 
 class LightningDDP(tc.OnTorchDevice):
-    devices = 1  # per process
-
-    def __init__(self, ctx: RunContext) -> None:
-        cfg = ctx.config
-        tc.configure_threads(cfg.get("threads"))
-        if cfg.get("threads"):
+    def __init__(self, ctx: RunContext, fast: str = "none", process_group: str = "auto") -> None:
+        threads = ctx.config.get("threads")
+        self.place(ctx, fast)
+        if threads:
             # Lightning's launcher sets torch's threads to cores / local processes unless OMP_NUM_THREADS
             # is set (2 at N=1, 1 at N=2 on 2 cores): keep the config's threads per rank, as every backend
-            os.environ["OMP_NUM_THREADS"] = str(int(cfg["threads"]))
-        self.ctx = ctx
-        self.geometry = g = ctx.geometry
-        self.device = tc.resolve_device(cfg["device"], ctx.local_rank)
-        self.rank, self.world = ctx.rank, ctx.world_size
-        pl.seed_everything(cfg["seed"], verbose=False)
-        ds = ctx.dataset
-        self.x, self.y = tc.to_device_tensors(ds.train_x, ds.train_y, self.device)
-        self.test_x, self.test_y = tc.to_device_tensors(ds.test_x, ds.test_y, self.device)
-        self.global_batch, self.per_device_batch = g.global_batch, g.per_device_batch
-        self.steps_per_epoch = self.x.shape[0] // g.global_batch
-        self.model = torch_models.build(cfg["workload"], ds.num_classes)
-        limit = cfg["train"].get("max_steps_per_epoch")
-        self.loader = torch.utils.data.DataLoader(
-            DeviceBatches(self.x, self.y), batch_size=None,
-            sampler=RankBatchSampler(self.x.shape[0], cfg["seed"], g.global_batch, self.rank, g.per_device_batch,
-                                     self.device, limit))
-        self.limit = limit
+            os.environ["OMP_NUM_THREADS"] = str(int(threads))
+        self.process_group = process_group
+        pl.seed_everything(ctx.seed, verbose=False)
+        self.load_resident()
+        self.model = self.build_model()
 
     def evaluate(self) -> tuple[float, float]:
-        return tc.sharded_evaluate(self.model, self.test_x, self.test_y, self.rank, self.world, _dist_sum)
+        return tc.sharded_evaluate(self.model, self.test_x, self.test_y, self.rank, self.world, tc.dist_sum)
 
     def settings_in_force(self) -> dict:
         """What the DistributedDataParallel Lightning built reports (after fit), else what was passed."""
         ddp = getattr(self, "ddp_model", None)
         if ddp is None:
             return settings.in_force(self.ctx.config)
-        return {"bucket_cap_mb": ddp.bucket_bytes_cap / 2 ** 20, "gradient_as_bucket_view": bool(ddp.gradient_as_bucket_view),
-                "static_graph": bool(ddp.static_graph)}
+        return tc.ddp_in_force(ddp)
 
     def environment(self) -> dict:
         env = tc.environment(self.device)
         env["frameworks"]["pytorch_lightning"] = pl.__version__
         return env
 
-    def train(self, meter: Measurement) -> None:
-        cfg = self.ctx.config
+    def fit(self, meter: Measurement, epochs: int, max_steps_per_epoch: int | None) -> None:
+        cfg, g = self.ctx.config, self.geometry
+        loader = torch.utils.data.DataLoader(
+            DeviceBatches(self.x, self.y), batch_size=None,
+            sampler=RankBatchSampler(self.x.shape[0], self.ctx.seed, g.global_batch, self.rank, g.per_device_batch,
+                                     self.device, max_steps_per_epoch))
         nodes = int(cfg["cluster"].get("nodes", 1))
         trainer = pl.Trainer(
             accelerator="gpu" if self.device.type == "cuda" else "cpu",
             devices=self.world // nodes,
             num_nodes=nodes,
-            strategy=DDPStrategy(process_group_backend=process_group_backend(self.device, cfg["backend"].get("process_group")),
+            strategy=DDPStrategy(process_group_backend=tc.process_group_backend(self.device, self.process_group),
                                  **settings.in_force(cfg)),
-            max_epochs=int(cfg["train"]["epochs"]),
+            max_epochs=epochs,
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
@@ -174,6 +148,6 @@ class LightningDDP(tc.OnTorchDevice):
             num_sanity_val_steps=0,
             callbacks=[ProtocolCallback(self, meter)],
         )
-        torch.manual_seed(cfg["seed"] * 1000 + self.rank)  # dropout masks differ per rank
-        trainer.fit(Module(self.model, self.geometry), train_dataloaders=self.loader)
+        torch.manual_seed(rank_seed(self.ctx.seed, self.rank))
+        trainer.fit(Module(self.model, g), train_dataloaders=loader)
         self.rank = trainer.global_rank

@@ -33,6 +33,27 @@ def to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[tf.Tensor, tf.Te
     return tf.cast(x, tf.float32) / 255.0, tf.constant(np.asarray(labels, dtype=np.int32))
 
 
+def resident(ds) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Train and test images and labels as tensors on this process's device (for the tests'
+    evaluation too: no copy per step or per evaluation)."""
+    with tf.device(device_name()):
+        return (*to_tensors(ds.train_x, ds.train_y), *to_tensors(ds.test_x, ds.test_y))
+
+
+def model_and_adam(ctx):
+    """The workload as a Keras model and its Adam at the schedule's first rate, its slot variables
+    built now (created lazily inside a traced step they break the graph). Call it inside a
+    strategy's scope where there is one."""
+    import keras
+
+    from scaling.workloads import tf_models
+
+    model = tf_models.build(ctx.config["workload"], ctx.dataset.num_classes)
+    optimizer = keras.optimizers.Adam(learning_rate=ctx.geometry.lr_at(0))
+    optimizer.build(model.trainable_variables)
+    return model, optimizer
+
+
 def make_evaluator(model, batch: int = 1000, rank: int = 0, world: int = 1, all_reduce_sum=None):
     """A compiled evaluation: mean cross-entropy and accuracy over a test set, dropout off. With
     ``world`` > 1 each rank evaluates its contiguous slice of the test set, as the torch backends
@@ -93,25 +114,58 @@ def make_strategy_evaluator(model, strategy, x: tf.Tensor, y: tf.Tensor, batch: 
 
 
 class StepCalls:
-    """Calls a backend's compiled step functions and keeps the evidence of what ran.
+    """The compiled step calls the TF backends share (the ``ShardedSteps`` of torch_common).
 
-    ``step(*args)`` runs one step, ``steps(*args, count)`` runs ``count`` steps in one call (count is
-    a tensor, so a shorter final call reuses the traced graph). With ``steps_per_call`` > 1 every call,
-    a final one of a single step included, goes through ``steps``: tracing ``step`` then would happen
-    inside the timed region. ``evidence()`` is what the record keeps: calls, the step counts the calls
-    actually ran, graphs traced, and the XLA-compiled calls found in the traced graphs."""
+    ``one_step(start, *inputs)`` is a backend's step on the batch at offset ``start`` of this epoch's
+    order (``stride`` samples per step), returning its loss. It is wrapped twice: ``step`` runs one
+    step per ``tf.function`` call, ``steps`` runs ``count`` steps in one call (count is a tensor, so
+    a shorter final call reuses the traced graph). With ``steps_per_call`` > 1 every call, a final
+    one of a single step included, goes through ``steps``: tracing ``step`` then would happen inside
+    the timed region. Before each call the learning-rate warm-up is applied (once per call).
 
-    def __init__(self, step, steps, steps_per_call: int, jit_compile: bool = False) -> None:
+    ``begin_epoch(*inputs)`` starts an epoch with the tensors the step reads this epoch;
+    ``evidence()`` is what the record keeps: calls, the step counts the calls actually ran, graphs
+    traced, and the XLA-compiled calls found in the traced graphs."""
+
+    def __init__(self, one_step, stride: int, optimizer, geometry, steps_per_call: int = 1,
+                 jit_compile: bool = False) -> None:
+        @tf.function
+        def step(start, *inputs):
+            return one_step(start, *inputs)
+
+        @tf.function
+        def steps(start, count, *inputs):
+            out = one_step(start, *inputs)
+            for i in tf.range(1, count):
+                out = one_step(start + i * stride, *inputs)
+            return out
+
         self.step, self.steps, self.steps_per_call, self.jit_compile = step, steps, steps_per_call, jit_compile
+        self.stride, self.optimizer, self.geometry = stride, optimizer, geometry
         self.calls = 0
         self.counts: set[int] = set()
+        self.steps_done = 0
+        self.cursor = 0
+        self.inputs: tuple = ()
+        self.last_loss = None
 
-    def __call__(self, n: int, *args):
+    def begin_epoch(self, *inputs) -> None:
+        self.inputs = inputs
+        self.cursor = 0
+
+    def run(self, n: int) -> None:
+        from scaling.backends import warm_up
+
+        warm_up(self.geometry, self.steps_done, self.optimizer.learning_rate.assign)
+        self.steps_done += n
         self.calls += 1
         self.counts.add(int(n))
+        start = tf.constant(self.cursor, tf.int32)
         if self.steps_per_call == 1 and n == 1:
-            return self.step(*args)
-        return self.steps(*args, tf.constant(n, tf.int32))
+            self.last_loss = self.step(start, *self.inputs)
+        else:
+            self.last_loss = self.steps(start, tf.constant(n, tf.int32), *self.inputs)
+        self.cursor += n * self.stride
 
     def evidence(self) -> dict:
         fns = (self.step, self.steps)
@@ -119,6 +173,50 @@ class StepCalls:
                 "steps_per_call_run": sorted(self.counts),
                 "graphs_traced": sum(int(f.experimental_get_tracing_count()) for f in fns),
                 "jit_compile": self.jit_compile, "xla_compiled_calls": sum(_xla_calls(f) for f in fns)}
+
+
+class DrivenSteps:
+    """A TF backend whose loop ``protocol.drive`` runs through its :class:`StepCalls` ``self.calls``:
+    ``epoch_inputs(epoch)`` gives the tensors the step reads that epoch (its order of samples)."""
+
+    calls: StepCalls
+    #: each rank (replica) evaluates 1/world of the test set; one device: its shard is the whole set
+    evaluation = "shard"
+
+    @property
+    def steps_per_call(self) -> int:
+        return self.calls.steps_per_call
+
+    def epoch_inputs(self, epoch: int) -> tuple:
+        raise NotImplementedError
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.calls.begin_epoch(*self.epoch_inputs(epoch))
+
+    def train_steps(self, n: int) -> None:
+        self.calls.run(n)
+
+    def loss(self) -> float:
+        return float(self.calls.last_loss)
+
+    def local_losses(self) -> list:
+        """This process's copies of the last call's loss (one; a strategy's replicas override it)."""
+        return [self.calls.last_loss]
+
+    def sync(self) -> None:
+        # fetching the last call's losses waits for its steps (and any all-reduce in them)
+        if self.calls.last_loss is not None:
+            for value in self.local_losses():
+                value.numpy()
+
+    def fast_mode(self) -> dict:
+        return self.calls.evidence()
+
+    def device_memory_peak(self) -> int | None:
+        return device_memory_peak()
+
+    def environment(self) -> dict:
+        return environment()
 
 
 def _xla_calls(fn) -> int | None:

@@ -11,7 +11,7 @@ from scaling.backends.tf_strategy_loop import TFStrategyLoop
 
 
 class TFMirrored(TFStrategyLoop):
-    def make_strategy(self, ctx: RunContext):
+    def make_strategy(self, ctx: RunContext, jit_compile: bool = False):
         import tensorflow as tf
 
         n = int(ctx.config["devices"])
@@ -25,12 +25,11 @@ class TFMirrored(TFStrategyLoop):
                 raise RuntimeError(f"tf_mirrored: devices={n} but TensorFlow sees {len(gpus)} GPU(s)")
             names = [f"/gpu:{i}" for i in range(n)]
         else:
-            if ctx.config["backend"].get("jit_compile"):
+            if jit_compile:
                 raise RuntimeError(
                     "tf_mirrored: jit_compile=true needs GPUs; XLA cannot use variables on logical CPU devices "
                     "(XLA known issue 'tf.Variable on a different device'). Use backend.steps_per_call here")
             cpu = tf.config.list_physical_devices("CPU")[0]
             tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
             names = [f"/cpu:{i}" for i in range(n)]
-        self.devices = n
         return tf.distribute.MirroredStrategy(devices=names)

@@ -13,11 +13,11 @@ from scaling.backends.tf_strategy_loop import TFStrategyLoop
 
 
 class TFMultiWorker(TFStrategyLoop):
-    def make_strategy(self, ctx: RunContext):
+    def make_strategy(self, ctx: RunContext, jit_compile: bool = False):
         import tensorflow as tf
 
         tf_common.configure(ctx.config.get("threads"), ctx.config["device"])
-        if ctx.config["backend"].get("jit_compile") and not tf.config.list_physical_devices("GPU"):
+        if jit_compile and not tf.config.list_physical_devices("GPU"):
             raise RuntimeError("tf_multiworker: jit_compile=true needs GPUs; XLA has no CPU kernel for the "
                                "collective all-reduce. Use backend.steps_per_call here")
         tuned = settings.in_force(ctx.config)
@@ -27,9 +27,7 @@ class TFMultiWorker(TFStrategyLoop):
         options = tf.distribute.experimental.CommunicationOptions(
             implementation=getattr(tf.distribute.experimental.CommunicationImplementation, implementation),
             bytes_per_pack=int(tuned.get("bytes_per_pack") or 0))
-        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
-        self.devices = max(1, len(tf.config.list_logical_devices("GPU")))
-        return strategy
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
 
     def settings_in_force(self) -> dict:
         options = self.strategy.extended._communication_options

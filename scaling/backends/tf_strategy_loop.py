@@ -11,38 +11,25 @@ from __future__ import annotations
 
 import hashlib
 
-from scaling.backends import RunContext
+from scaling.backends import RunContext, check_one_per_device
 from scaling.backends import tf_common
 from scaling.sharding import epoch_permutation
-from scaling.protocol import Measurement, drive
 
 
-class TFStrategyLoop:
-    devices = 1  # replicas in this process; make_strategy sets it
-    evaluation = "shard"  # each replica evaluates 1/replicas of the test set
-
-    def make_strategy(self, ctx: RunContext):  # pragma: no cover - each backend defines it
+class TFStrategyLoop(tf_common.DrivenSteps):
+    def make_strategy(self, ctx: RunContext, jit_compile: bool = False):  # pragma: no cover - each backend defines it
         raise NotImplementedError
 
-    def __init__(self, ctx: RunContext) -> None:
-        import numpy as np
-
-        cfg = ctx.config
-        self.strategy = strategy = self.make_strategy(ctx)  # before any other TF op
+    def __init__(self, ctx: RunContext, steps_per_call: int = 1, jit_compile: bool = False) -> None:
+        self.strategy = strategy = self.make_strategy(ctx, bool(jit_compile))  # before any other TF op
         import keras
         import tensorflow as tf
 
-        from scaling.workloads import tf_models
-
         self.tf, self.ctx = tf, ctx
-        self.geometry = g = ctx.geometry
-        if strategy.num_replicas_in_sync != g.devices:
-            raise RuntimeError(f"{cfg['backend']['name']}: {strategy.num_replicas_in_sync} replicas in sync, "
-                               f"but the run asks for {g.devices} devices")
-        keras.utils.set_random_seed(cfg["seed"])
-        backend_cfg = cfg["backend"]
-        self.steps_per_call = int(backend_cfg.get("steps_per_call") or 1)
-        jit = bool(backend_cfg.get("jit_compile", False))
+        g = ctx.geometry
+        check_one_per_device(ctx.config["backend"]["name"], strategy.num_replicas_in_sync, g.devices,
+                             "replicas in sync")
+        keras.utils.set_random_seed(ctx.seed)
         self.global_batch, b, G = g.global_batch, g.per_device_batch, g.global_batch
         ds = ctx.dataset
         self.n = n = len(ds.train_y)
@@ -52,19 +39,14 @@ class TFStrategyLoop:
         # one copy of the data per replica, on the replica's device
         self.x = strategy.experimental_distribute_values_from_function(lambda _: tf.identity(x_host))
         self.y = strategy.experimental_distribute_values_from_function(lambda _: tf.identity(y_host))
-        self.perm = None
         with strategy.scope():
-            self.model = tf_models.build(cfg["workload"], ds.num_classes)
-            self.optimizer = keras.optimizers.Adam(learning_rate=g.lr_at(0))
-            # slot variables now, in the scope: created lazily inside the step they break the graph
-            self.optimizer.build(self.model.trainable_variables)
+            self.model, self.optimizer = model, optimizer = tf_common.model_and_adam(ctx)
         per_example = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
-        model, optimizer = self.model, self.optimizer
         self._evaluate = tf_common.make_strategy_evaluator(model, strategy, self.test_x, self.test_y)
 
         # with jit_compile, the function strategy.run calls is the XLA-compiled one (as in Keras'
         # own trainer): a compiled function nested inside it could not hold the gradient all-reduce
-        @tf.function(jit_compile=jit)
+        @tf.function(jit_compile=bool(jit_compile))
         def replica_step(x, y, perm, start):
             rid = tf.distribute.get_replica_context().replica_id_in_sync_group
             lo = start + tf.cast(rid, tf.int32) * b
@@ -76,60 +58,31 @@ class TFStrategyLoop:
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
             return loss
 
-        @tf.function
-        def step(x, y, perm, start):
+        def one_step(start, x, y, perm):
             return strategy.run(replica_step, args=(x, y, perm, start))
 
-        @tf.function
-        def steps(x, y, perm, start, count):
-            out = strategy.run(replica_step, args=(x, y, perm, start))
-            for i in tf.range(1, count):
-                out = strategy.run(replica_step, args=(x, y, perm, start + i * G))
-            return out
+        self.calls = tf_common.StepCalls(one_step, G, optimizer, g, int(steps_per_call or 1), bool(jit_compile))
 
-        self._calls = tf_common.StepCalls(step, steps, self.steps_per_call, jit)
-        self._np = np
-        self._cursor = 0
-        self._step = 0
-        self._last = None
-
-    def begin_epoch(self, epoch: int) -> None:
+    def epoch_inputs(self, epoch: int) -> tuple:
         tf = self.tf
-        perm = tf.constant(epoch_permutation(self.n, self.ctx.config["seed"], epoch).astype("int32"))
-        self.perm = self.strategy.experimental_distribute_values_from_function(lambda _: tf.identity(perm))
-        self._cursor = 0
+        perm = tf.constant(epoch_permutation(self.n, self.ctx.seed, epoch).astype("int32"))
+        return self.x, self.y, self.strategy.experimental_distribute_values_from_function(lambda _: tf.identity(perm))
 
-    def train_steps(self, n: int) -> None:
-        tf = self.tf
-        if self._step < self.geometry.lr_warmup_steps:
-            self.optimizer.learning_rate.assign(self.geometry.lr_at(self._step))
-        self._step += n
-        start = tf.constant(self._cursor, tf.int32)
-        self._last = self._calls(n, self.x, self.y, self.perm, start)
-        self._cursor += n * self.global_batch
-
-    def sync(self) -> None:
-        # fetching this process's replica losses waits for their steps (and the all-reduce in them)
-        if self._last is not None:
-            for value in self.strategy.experimental_local_results(self._last):
-                value.numpy()
+    def local_losses(self) -> list:
+        return list(self.strategy.experimental_local_results(self.calls.last_loss))
 
     def loss(self) -> float:
         """The global batch's mean loss: per-replica losses are already divided by the global batch."""
         tf = self.tf
-        return float(self.strategy.reduce(tf.distribute.ReduceOp.SUM, self._last, axis=None))
+        return float(self.strategy.reduce(tf.distribute.ReduceOp.SUM, self.calls.last_loss, axis=None))
 
     def evaluate(self) -> tuple[float, float]:
         return self._evaluate()
 
-    def fast_mode(self) -> dict:
-        return self._calls.evidence()
-
-    def device_memory_peak(self) -> int | None:
-        return tf_common.device_memory_peak()
-
     def param_digests(self) -> list[str]:
         """sha256 of the parameters, once per replica copy this process holds."""
+        import numpy as np
+
         copies: list[hashlib._Hash] = []
         for v in self.model.trainable_variables:
             value = getattr(v, "value", v)
@@ -137,7 +90,7 @@ class TFStrategyLoop:
             while len(copies) < len(parts):
                 copies.append(hashlib.sha256())
             for h, part in zip(copies, parts):
-                h.update(self._np.ascontiguousarray(part.numpy()).tobytes())
+                h.update(np.ascontiguousarray(part.numpy()).tobytes())
         return [h.hexdigest() for h in copies]
 
     def environment(self) -> dict:
@@ -145,6 +98,3 @@ class TFStrategyLoop:
         env["strategy"] = type(self.strategy).__name__
         env["replicas_in_sync"] = self.strategy.num_replicas_in_sync
         return env
-
-    def train(self, meter: Measurement) -> None:
-        drive(self, meter, int(self.ctx.train["epochs"]), self.ctx.train.get("max_steps_per_epoch"))

@@ -10,26 +10,22 @@ from scaling.protocol import Measurement
 
 
 class TFTextbook:
-    devices = 1
     evaluation = "shard"  # one device: its shard is the whole test set
 
     def __init__(self, ctx: RunContext) -> None:
-        cfg, train = ctx.config, ctx.train
-        tf_common.configure(cfg.get("threads"), cfg["device"])
+        tf_common.configure(ctx.config.get("threads"), ctx.config["device"])
         import keras
 
         from scaling.workloads import tf_models
 
         self.ctx = ctx
-        keras.utils.set_random_seed(cfg["seed"])
+        keras.utils.set_random_seed(ctx.seed)
         self.global_batch = ctx.geometry.global_batch
         ds = ctx.dataset
-        limit = train.get("max_steps_per_epoch")
-        n = min(len(ds.train_y), limit * self.global_batch) if limit else len(ds.train_y)
-        self.x_train, self.y_train = ds.train_x[:n] / 255.0, ds.train_y[:n]
+        self.dataset = ds
         self.x_test, self.y_test = ds.test_x / 255.0, ds.test_y
-        self.steps_per_epoch = -(-n // self.global_batch)
-        self.model = tf_models.build(cfg["workload"], ds.num_classes)
+        self.steps_per_epoch = -(-len(ds.train_y) // self.global_batch)
+        self.model = tf_models.build(ctx.config["workload"], ds.num_classes)
         self.model.compile(
             optimizer=keras.optimizers.Adam(learning_rate=ctx.geometry.lr),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -47,12 +43,16 @@ class TFTextbook:
     def environment(self) -> dict:
         return tf_common.environment()
 
-    def train(self, meter: Measurement) -> None:
+    def evaluate(self) -> tuple[float, float]:
+        loss, accuracy = self.model.evaluate(self.x_test, self.y_test, batch_size=1000, verbose=0)
+        return loss, accuracy
+
+    def fit(self, meter: Measurement, epochs: int, max_steps_per_epoch: int | None) -> None:
         import keras
 
-        backend = self
-        n = len(self.y_train)
-        b = self.global_batch
+        backend, b = self, self.global_batch
+        n = len(self.dataset.train_y)
+        n = min(n, max_steps_per_epoch * b) if max_steps_per_epoch else n
 
         class ProtocolCallback(keras.callbacks.Callback):
             def on_epoch_begin(self, epoch, logs=None):
@@ -63,16 +63,12 @@ class TFTextbook:
 
             def on_train_batch_end(self, batch, logs=None):
                 backend._logs = logs
-                before = meter.steps_done
-                meter.step_end(1, samples=min(b, n - batch * b))
-                if meter.wants_loss(before) and logs and "loss" in logs:
-                    meter.record_loss(float(logs["loss"]))  # Keras reports the epoch's running mean
+                # Keras reports the epoch's running mean loss
+                has_loss = bool(logs) and "loss" in logs
+                meter.step_end(1, samples=min(b, n - batch * b), loss=(lambda: float(logs["loss"])) if has_loss else None)
 
             def on_epoch_end(self, epoch, logs=None):
-                meter.epoch_end(epoch)
-                t0 = meter.now()
-                loss, acc = self.model.evaluate(backend.x_test, backend.y_test, batch_size=1000, verbose=0)
-                meter.evaluated(epoch, loss, acc, meter.now() - t0)
+                meter.epoch_end(epoch, backend.evaluate)
 
-        self.model.fit(self.x_train, self.y_train, epochs=int(self.ctx.train["epochs"]),
-                       batch_size=b, verbose=0, callbacks=[ProtocolCallback()])
+        self.model.fit(self.dataset.train_x[:n] / 255.0, self.dataset.train_y[:n], epochs=epochs, batch_size=b, verbose=0,
+                       callbacks=[ProtocolCallback()])

@@ -1,10 +1,15 @@
-"""PyTorch pieces the torch-based backends share: threads, device, device-resident data, eval."""
+"""PyTorch pieces the torch-based backends share: threads, device, device-resident data, the
+step loop, the process group, evaluation."""
 from __future__ import annotations
+
+import os
+from datetime import timedelta
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from scaling.data import Dataset
+from scaling.backends import RunContext, warm_up
 
 
 def configure_threads(threads: int | None) -> None:
@@ -40,23 +45,6 @@ def to_device_tensors(images: np.ndarray, labels: np.ndarray, device: torch.devi
     x = torch.from_numpy(np.array(images, dtype=np.uint8)).to(device=device, dtype=torch.float32).div_(255.0)
     y = torch.from_numpy(np.array(labels)).to(device=device, dtype=torch.int64)
     return x, y
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> tuple[float, float]:
-    """Mean NLL loss and accuracy over the whole test set, dropout off."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
-    correct = torch.zeros((), device=x.device, dtype=torch.int64)
-    for start in range(0, x.shape[0], batch):
-        out = model(x[start:start + batch])
-        target = y[start:start + batch]
-        loss_sum += torch.nn.functional.nll_loss(out, target, reduction="sum").double()
-        correct += (out.argmax(1) == target).sum()
-    model.train(was_training)
-    n = x.shape[0]
-    return float(loss_sum.item()) / n, int(correct.item()) / n
 
 
 def sync(device: torch.device) -> None:
@@ -103,6 +91,9 @@ class ShardedSteps:
         self.step = 0
         self.last_loss: torch.Tensor | None = None
 
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+
     def begin_epoch(self, epoch: int) -> None:
         from scaling.sharding import epoch_permutation, rank_shard
 
@@ -115,9 +106,7 @@ class ShardedSteps:
     def run(self, n: int) -> None:
         b, g = self.b, self.geometry
         for _ in range(n):
-            if self.step < g.lr_warmup_steps:
-                for group in self.optimizer.param_groups:
-                    group["lr"] = g.lr_at(self.step)
+            warm_up(g, self.step, self.set_lr)
             self.step += 1
             idx = self.shard[self.cursor:self.cursor + b]
             self.cursor += b
@@ -228,6 +217,12 @@ class GraphedSteps(ShardedSteps):
                 "graph_replays": self.replays, "eager_steps": min(self.step, self.eager_steps)}
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The learning rate of every parameter group (the warm-up's setter)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def make_adam(params, geometry, device: torch.device, graph: bool = False) -> torch.optim.Optimizer:
     """Adam at the schedule's first learning rate; ``graph=True``: capturable (its state stays on
     the device, steps can be captured) with the learning rate as a device tensor the step updates."""
@@ -247,11 +242,37 @@ def fast_steps(fast: str, model: torch.nn.Module, optimizer, x, y, geometry, see
     return ShardedSteps(model, optimizer, x, y, geometry, seed, rank)
 
 
+def process_group_backend(device: torch.device, requested: str | None) -> str:
+    """nccl on GPUs, gloo on CPU; ``gloo`` can be forced on GPUs (several ranks sharing one GPU,
+    which NCCL refuses as "Duplicate GPU detected")."""
+    if requested and requested != "auto":
+        return requested
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_process_group(device: torch.device, rank: int, world: int, requested: str | None = None) -> str:
+    """Join the job's process group (env:// from torchrun, or from srun's variables)."""
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        backend = process_group_backend(device, requested)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=5),
+                                device_id=device if backend == "nccl" else None)
+    return dist.get_backend()
+
+
+def dist_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the process group's ranks, in place (``sharded_evaluate``'s ``all_reduce_sum``)."""
+    dist.all_reduce(t)
+    return t
+
+
 @torch.no_grad()
-def sharded_evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, rank: int, world: int,
-                     all_reduce_sum) -> tuple[float, float]:
-    """Each rank evaluates its contiguous slice of the test set; ``all_reduce_sum`` adds the
-    (loss, correct) sums over ranks (``torch.distributed`` or Horovod)."""
+def sharded_evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, rank: int = 0, world: int = 1,
+                     all_reduce_sum=None) -> tuple[float, float]:
+    """Mean NLL loss and accuracy over the test set, dropout off. Each rank evaluates its contiguous
+    slice of it; ``all_reduce_sum`` adds the (loss, correct) sums over ranks (``torch.distributed``
+    or Horovod; None for one rank, whose slice is the whole set)."""
     n = x.shape[0]
     lo, hi = n * rank // world, n * (rank + 1) // world
     was_training = model.training
@@ -263,8 +284,16 @@ def sharded_evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, r
         sums[0] += torch.nn.functional.nll_loss(out, target, reduction="sum").double()
         sums[1] += (out.argmax(1) == target).sum()
     model.train(was_training)
-    sums = all_reduce_sum(sums)
+    if all_reduce_sum is not None:
+        sums = all_reduce_sum(sums)
     return float(sums[0]) / n, float(sums[1]) / n
+
+
+def ddp_in_force(ddp: torch.nn.Module) -> dict:
+    """What a DistributedDataParallel reports it runs with (bucket cap, views, static graph)."""
+    return {"bucket_cap_mb": getattr(ddp, "bucket_bytes_cap", 0) / 2 ** 20,
+            "gradient_as_bucket_view": bool(getattr(ddp, "gradient_as_bucket_view", False)),
+            "static_graph": bool(getattr(ddp, "static_graph", False))}
 
 
 class CudaStepEvents:
@@ -290,6 +319,32 @@ class OnTorchDevice:
     model: torch.nn.Module
     #: each rank evaluates 1/world of the test set (``sharded_evaluate``; one device: all of it)
     evaluation = "shard"
+    fast = "none"
+
+    def place(self, ctx: RunContext, fast: str = "none", device_index: int | None = None) -> None:
+        """Threads, this rank's device (refusing a fast mode it cannot run) and the run's facts, the
+        first thing every torch backend does."""
+        configure_threads(ctx.config.get("threads"))
+        self.ctx, self.geometry, self.global_batch = ctx, ctx.geometry, ctx.geometry.global_batch
+        self.rank, self.world = ctx.rank, ctx.world_size
+        self.device = resolve_device(ctx.config["device"], ctx.local_rank if device_index is None else device_index)
+        self.fast = fast or "none"
+        check_fast_mode(self.fast, self.device)
+
+    def load_resident(self) -> None:
+        """The dataset as tensors on the device; an epoch is the full global batches of it."""
+        ds = self.ctx.dataset
+        self.x, self.y = to_device_tensors(ds.train_x, ds.train_y, self.device)
+        self.test_x, self.test_y = to_device_tensors(ds.test_x, ds.test_y, self.device)
+        self.steps_per_epoch = self.x.shape[0] // self.global_batch
+
+    def build_model(self) -> torch.nn.Module:
+        from scaling.workloads import torch_models
+
+        return torch_models.build(self.ctx.config["workload"], self.ctx.dataset.num_classes).to(self.device)
+
+    def environment(self) -> dict:
+        return environment(self.device)
 
     @property
     def digest_model(self) -> torch.nn.Module:
@@ -323,3 +378,31 @@ class OnTorchDevice:
         for p in self.digest_model.parameters():
             h.update(p.detach().cpu().contiguous().numpy().tobytes())
         return [h.hexdigest()]
+
+
+class DrivenSteps(OnTorchDevice):
+    """A torch backend whose loop ``protocol.drive`` runs through its step loop ``self.steps``
+    (:class:`ShardedSteps` or :class:`GraphedSteps`), evaluating its slice of the test set."""
+
+    steps: ShardedSteps
+    steps_per_call = 1
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.steps.begin_epoch(epoch)
+
+    def train_steps(self, n: int) -> None:
+        self.steps.run(n)
+
+    def loss(self) -> float:
+        """The global batch's mean loss (an all-reduce with several ranks, made only at logging steps)."""
+        if self.world == 1:
+            return float(self.steps.last_loss.item())
+        return float(self.all_reduce_sum(self.steps.last_loss.detach().clone())) / self.world
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks (``torch.distributed``); backends over another library override it."""
+        return dist_sum(t)
+
+    def evaluate(self) -> tuple[float, float]:
+        reduce = self.all_reduce_sum if self.world > 1 else None
+        return sharded_evaluate(self.digest_model, self.test_x, self.test_y, self.rank, self.world, reduce)

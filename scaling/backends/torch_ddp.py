@@ -8,83 +8,41 @@ steps: the expert's loop for a tiny model, with DDP's bucketed all-reduce overla
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scaling import settings
-from scaling.backends import RunContext
+from scaling.backends import RunContext, check_one_per_device, rank_seed
 from scaling.backends import torch_common as tc
-from scaling.protocol import Measurement, drive
-from scaling.workloads import torch_models
+from scaling.backends.torch_common import init_process_group  # noqa: F401  (scaling.comm joins the same way)
 
 
-def process_group_backend(device: torch.device, requested: str | None) -> str:
-    """nccl on GPUs, gloo on CPU; ``gloo`` can be forced on GPUs (several ranks sharing one GPU,
-    which NCCL refuses as "Duplicate GPU detected")."""
-    if requested and requested != "auto":
-        return requested
-    return "nccl" if device.type == "cuda" else "gloo"
-
-
-def init_process_group(device: torch.device, rank: int, world: int, requested: str | None = None) -> str:
-    """Join the job's process group (env:// from torchrun, or from srun's variables)."""
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        backend = process_group_backend(device, requested)
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=5),
-                                device_id=device if backend == "nccl" else None)
-    return dist.get_backend()
-
-
-def _dist_sum(t: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(t)
-    return t
-
-
-class TorchDDP(tc.OnTorchDevice):
-    devices = 1  # per process
-    steps_per_call = 1
-
-    def __init__(self, ctx: RunContext) -> None:
-        cfg = ctx.config
-        tc.configure_threads(cfg.get("threads"))
-        self.ctx = ctx
-        self.geometry = g = ctx.geometry
-        self.device = tc.resolve_device(cfg["device"], ctx.local_rank)
-        self.fast = cfg["backend"].get("fast") or "none"
-        tc.check_fast_mode(self.fast, self.device)
-        self.rank, self.world = ctx.rank, ctx.world_size
-        if self.world != g.devices:
-            raise RuntimeError(f"torch_ddp: {self.world} processes for {g.devices} devices; one process per device expected")
+class TorchDDP(tc.DrivenSteps):
+    def __init__(self, ctx: RunContext, fast: str = "none", process_group: str = "auto") -> None:
+        self.place(ctx, fast)
+        check_one_per_device(ctx.config["backend"]["name"], self.world, ctx.geometry.devices)
         if self.fast == "graph":
             # CUDA's notes on capturing DDP: NCCL's async error handling off before the group exists
             os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = os.environ["NCCL_ASYNC_ERROR_HANDLING"] = "0"
-        self.process_group_backend = init_process_group(self.device, self.rank, self.world,
-                                                        cfg["backend"].get("process_group"))
+        self.process_group_backend = tc.init_process_group(self.device, self.rank, self.world, process_group)
         if self.fast == "graph" and self.process_group_backend != "nccl":
             raise RuntimeError(f"backend.fast=graph captures DDP's all-reduce in a CUDA graph, which needs NCCL; "
                                f"this run uses {self.process_group_backend}. Fix: one rank per GPU with "
                                f"backend.process_group=auto|nccl, or backend.fast=none")
-        torch.manual_seed(cfg["seed"])  # the same initial weights everywhere (DDP also broadcasts rank 0's)
-        ds = ctx.dataset
-        self.x, self.y = tc.to_device_tensors(ds.train_x, ds.train_y, self.device)
-        self.test_x, self.test_y = tc.to_device_tensors(ds.test_x, ds.test_y, self.device)
-        self.global_batch, self.per_device_batch = g.global_batch, g.per_device_batch
-        self.steps_per_epoch = self.x.shape[0] // g.global_batch
-        model = torch_models.build(cfg["workload"], ds.num_classes).to(self.device)
+        torch.manual_seed(ctx.seed)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
+        self.load_resident()
+        model = self.build_model()
         if self.fast == "compile":
             model = torch.compile(model)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.model, self.optimizer = self.parallelize(model, g.lr_at(0))
-        torch.manual_seed(cfg["seed"] * 1000 + self.rank)  # dropout masks differ per rank
+        self.model, self.optimizer = self.parallelize(model, ctx.geometry.lr_at(0))
+        torch.manual_seed(rank_seed(ctx.seed, self.rank))
         # a captured DDP step needs 11 eager DDP iterations first (CUDA graphs notes, "Usage with DDP")
-        self.steps = tc.fast_steps(self.fast, self.model, self.optimizer, self.x, self.y, g, cfg["seed"], self.rank,
-                                   eager_steps=11)
+        self.steps = tc.fast_steps(self.fast, self.model, self.optimizer, self.x, self.y, ctx.geometry, ctx.seed,
+                                   self.rank, eager_steps=11)
 
     def parallelize(self, model: torch.nn.Module, lr: float) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """DDP around the model (with the settings in force), Adam over its parameters."""
@@ -103,25 +61,7 @@ class TorchDDP(tc.OnTorchDevice):
 
     def settings_in_force(self) -> dict:
         """What DDP reports it runs with (bucket cap in bytes, views, static graph)."""
-        m = self.model
-        return {"bucket_cap_mb": getattr(m, "bucket_bytes_cap", 0) / 2 ** 20,
-                "gradient_as_bucket_view": bool(getattr(m, "gradient_as_bucket_view", False)),
-                "static_graph": bool(getattr(m, "static_graph", False))}
-
-    def begin_epoch(self, epoch: int) -> None:
-        self.steps.begin_epoch(epoch)
-
-    def train_steps(self, n: int) -> None:
-        self.steps.run(n)
-
-    def loss(self) -> float:
-        """The global batch's mean loss (an all-reduce, made only at logging steps)."""
-        value = self.steps.last_loss.detach().clone()
-        dist.all_reduce(value)
-        return float(value.item()) / self.world
-
-    def evaluate(self) -> tuple[float, float]:
-        return tc.sharded_evaluate(self.digest_model, self.test_x, self.test_y, self.rank, self.world, _dist_sum)
+        return tc.ddp_in_force(self.model)
 
     @property
     def digest_model(self) -> torch.nn.Module:
@@ -132,9 +72,6 @@ class TorchDDP(tc.OnTorchDevice):
         env["process_group"] = self.process_group_backend
         return env
 
-    def train(self, meter: Measurement) -> None:
-        try:
-            drive(self, meter, int(self.ctx.train["epochs"]), self.ctx.train.get("max_steps_per_epoch"))
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

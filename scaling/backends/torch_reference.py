@@ -84,7 +84,7 @@ class TorchReference(TorchDDP):
 
     @property
     def digest_model(self) -> torch.nn.Module:
-        return self.model
+        return self.model  # not wrapped
 
     def settings_in_force(self) -> dict:
         return {"all_reduce": "one flat buffer per step, gradients as its views"}

@@ -16,7 +16,6 @@ from torch.utils.data import Dataset as TorchDataset
 from scaling.backends import RunContext
 from scaling.backends import torch_common as tc
 from scaling.protocol import Measurement
-from scaling.workloads import torch_models
 
 MEAN, STD = 0.1307, 0.3081
 
@@ -34,30 +33,21 @@ class ImageDataset(TorchDataset):
 
 
 class TorchTextbook(tc.OnTorchDevice):
-    devices = 1
-
-    def __init__(self, ctx: RunContext) -> None:
-        cfg, train = ctx.config, ctx.train
-        tc.configure_threads(cfg.get("threads"))
-        torch.manual_seed(cfg["seed"])
-        self.ctx = ctx
-        self.device = tc.resolve_device(cfg["device"], ctx.local_rank)
-        self.global_batch = ctx.geometry.global_batch
+    def __init__(self, ctx: RunContext, loader_workers: int = 0) -> None:
+        self.place(ctx)
+        torch.manual_seed(ctx.seed)
         ds = ctx.dataset
         self.loader = DataLoader(
             ImageDataset(ds.train_x, ds.train_y),
             batch_size=self.global_batch,
             shuffle=True,
-            num_workers=int(cfg["backend"].get("loader_workers", 0)),
+            num_workers=int(loader_workers),
             pin_memory=self.device.type == "cuda",
         )
         self.test_loader = DataLoader(ImageDataset(ds.test_x, ds.test_y), batch_size=1000)
         self.steps_per_epoch = len(self.loader)
-        self.model = torch_models.build(cfg["workload"], ds.num_classes).to(self.device)
+        self.model = self.build_model()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=ctx.geometry.lr)
-
-    def environment(self) -> dict:
-        return tc.environment(self.device)
 
     def evaluate(self) -> tuple[float, float]:
         self.model.eval()
@@ -71,14 +61,12 @@ class TorchTextbook(tc.OnTorchDevice):
         n = len(self.test_loader.dataset)
         return loss / n, correct / n
 
-    def train(self, meter: Measurement) -> None:
-        epochs = int(self.ctx.train["epochs"])
-        limit = self.ctx.train.get("max_steps_per_epoch")
+    def fit(self, meter: Measurement, epochs: int, max_steps_per_epoch: int | None) -> None:
         for epoch in range(epochs):
             self.model.train()
             meter.epoch_begin(epoch)
             for step, (data, target) in enumerate(self.loader):
-                if limit and step >= limit:
+                if max_steps_per_epoch and step >= max_steps_per_epoch:
                     break
                 meter.step_begin()
                 data, target = data.to(self.device), target.to(self.device)
@@ -87,11 +75,5 @@ class TorchTextbook(tc.OnTorchDevice):
                 loss = F.nll_loss(output, target)
                 loss.backward()
                 self.optimizer.step()
-                before = meter.steps_done
-                meter.step_end(1, samples=len(target))
-                if meter.wants_loss(before):
-                    meter.record_loss(loss.item())
-            meter.epoch_end(epoch)
-            t0 = meter.now()
-            loss, acc = self.evaluate()
-            meter.evaluated(epoch, loss, acc, meter.now() - t0)
+                meter.step_end(1, samples=len(target), loss=loss.item)
+            meter.epoch_end(epoch, self.evaluate)
