@@ -104,7 +104,7 @@ def get(name: str) -> Launcher:
 
 def of(cfg: dict) -> Launcher:
     """The launcher of a run's config (a backend that names none runs in one process)."""
-    return get(launcher_name(cfg))
+    return get(launcher_name(cfg) or "inprocess")
 
 
 register(Launcher("inprocess", task_per_device=False, local=one_process, in_process=True,

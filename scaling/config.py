@@ -35,9 +35,10 @@ def runs_on(backend: dict) -> dict:
     return {k: backend[k] for k in RUNS_ON if k in backend}
 
 
-def launcher(cfg: dict) -> str:
-    """How a run's workers start (``runs_on.launcher``; ``inprocess`` when the YAML says nothing)."""
-    return runs_on(cfg["backend"]).get("launcher") or "inprocess"
+def launcher(cfg: dict) -> str | None:
+    """How a run's workers start: ``runs_on.launcher``, None when the YAML says nothing
+    (``launch.launchers`` then starts one process)."""
+    return runs_on(cfg["backend"]).get("launcher")
 
 
 def backends() -> dict[str, dict]:

@@ -18,7 +18,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,32 +27,7 @@ import pandas as pd
 
 from scaling import analysis, report_cells, report_comm, report_decomposition, scaling_model, verdicts
 from scaling.predict import fmt_param
-from scaling.report_figures import FIG_HEIGHT, Figure, colours, figures, write_pngs
-
-
-@dataclass
-class Study:
-    key: dict
-    cells: pd.DataFrame
-    agg: pd.DataFrame
-    claim: pd.DataFrame
-    fits: list
-    validations: list
-    figures: list[Figure] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    #: per ``agg`` row: HTML links to its runs' records, logs and W&B runs
-    links: list[str] = field(default_factory=list)
-
-    @property
-    def slug(self) -> str:
-        return analysis.study_slug(self.key)
-
-    @property
-    def title(self) -> str:
-        k = self.key
-        extra = ", ".join(x for x in (f"variant {k['variant']}", k["workload_params"],
-                                      k["overrides"] and f"overrides {k['overrides']}") if x)
-        return f"sweep {k['sweep']}: {k['workload']} on {k['data']}, {k['scaling']} scaling ({extra})"
+from scaling.report_figures import FIG_HEIGHT, Figure, Study, colours, figures, write_pngs
 
 
 @dataclass

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
-from scaling import report_cells, scaling_model
-
-if TYPE_CHECKING:
-    from scaling.report import Study
+from scaling import analysis, report_cells, scaling_model
 
 _TF_COLOURS = ["#d95f02", "#e6ab02", "#a6761d", "#e7298a", "#b2182b"]
 _TORCH_COLOURS = ["#1f78b4", "#1b9e77", "#7570b3", "#66a61e", "#17becf"]
@@ -30,6 +27,31 @@ class Figure:
     name: str  # file stem, e.g. local_cpu-mlp-mnist-weak-throughput
     title: str
     fig: Any  # plotly Figure
+
+
+@dataclass
+class Study:
+    key: dict
+    cells: pd.DataFrame
+    agg: pd.DataFrame
+    claim: pd.DataFrame
+    fits: list
+    validations: list
+    figures: list[Figure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    #: per ``agg`` row: HTML links to its runs' records, logs and W&B runs
+    links: list[str] = field(default_factory=list)
+
+    @property
+    def slug(self) -> str:
+        return analysis.study_slug(self.key)
+
+    @property
+    def title(self) -> str:
+        k = self.key
+        extra = ", ".join(x for x in (f"variant {k['variant']}", k["workload_params"],
+                                      k["overrides"] and f"overrides {k['overrides']}") if x)
+        return f"sweep {k['sweep']}: {k['workload']} on {k['data']}, {k['scaling']} scaling ({extra})"
 
 
 def colours(agg_or_cells: pd.DataFrame) -> dict[str, str]:

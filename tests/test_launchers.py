@@ -61,22 +61,22 @@ def test_every_backend_names_a_launcher_in_the_table(path):
 
 
 def test_an_unknown_launcher_is_a_config_error_naming_the_known_ones():
-    with pytest.raises(ConfigError, match="backend.launcher='nope'.*torchrun"):
-        launchers.of({"backend": {"launcher": "nope"}})
+    with pytest.raises(ConfigError, match="backend.runs_on.launcher=.nope.*torchrun"):
+        launchers.of({"backend": {"runs_on": {"launcher": "nope"}}})
 
 
 def test_a_new_launcher_renders_its_slurm_geometry_from_its_entry(new_launcher, tmp_path):
     from scaling.slurm import geometry, render_cell
 
     cfg = compose("cluster=slurm", "backend=torch_ddp", "devices=3", "cluster.nodes=2",
-                  f"backend.launcher={new_launcher.name}", f"results_dir={tmp_path}", *QUICK)
+                  f"backend.runs_on.launcher={new_launcher.name}", f"results_dir={tmp_path}", *QUICK)
     script = render_cell(cfg, "cell", tmp_path / "jobs").read_text()
     assert "#SBATCH --ntasks-per-node=3" in script and "#SBATCH --cpus-per-task=1" in script
     assert f"# {new_launcher.srun_note}" in script
     assert script.rstrip().splitlines()[-1].startswith("srun --kill-on-bad-exit=1 ")
     assert geometry(cfg) == (2, 3, 3, 1)
     # the submitit launcher asks for the same allocation, through the resolvers
-    hydra = compose("cluster=slurm", "backend=torch_ddp", "devices=3", f"backend.launcher={new_launcher.name}",
+    hydra = compose("cluster=slurm", "backend=torch_ddp", "devices=3", f"backend.runs_on.launcher={new_launcher.name}",
                     hydra=True).hydra.launcher
     assert (hydra.tasks_per_node, hydra.cpus_per_task) == (3, 1)
 
@@ -126,7 +126,7 @@ def test_a_new_launcher_runs_a_two_worker_cell_locally(new_launcher, tmp_path):
     pytest.importorskip("torch")
     from launch.local import launch
 
-    cfg = compose("backend=torch_ddp", "devices=2", f"backend.launcher={new_launcher.name}",
+    cfg = compose("backend=torch_ddp", "devices=2", f"backend.runs_on.launcher={new_launcher.name}",
                   f"results_dir={tmp_path}", "run_name=two", *QUICK)
     record = launch(cfg)
     assert record["status"] == "ok", record["error"]

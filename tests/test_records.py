@@ -5,7 +5,7 @@ import os
 import pytest
 import yaml
 
-from scaling import analysis, records, sweep
+from scaling import analysis, invalid_cells, records, sweep
 from scaling.protocol import Measurement, ProtocolConfig
 
 
@@ -81,7 +81,7 @@ def test_the_saved_config_round_trips_and_is_no_record_to_any_reader(tmp_path):
     for rec in (ok, failed):
         records.write_record(rec, tmp_path)
         records.write_run_config(rec, tmp_path)
-    sweep.note_invalid(tmp_path, "s", "c3", "backend=torch trains on 1 device(s), not 2")
+    invalid_cells.note_invalid(tmp_path, "s", "c3", "backend=torch trains on 1 device(s), not 2")
     folder = records.config_folder(tmp_path, "s", "c1")
     assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "overrides.yaml"]
     assert yaml.safe_load((folder / "overrides.yaml").read_text()) == ["backend=torch", "devices=1", "sweep_id=s"]
@@ -96,7 +96,7 @@ def test_the_saved_config_round_trips_and_is_no_record_to_any_reader(tmp_path):
         loaded = analysis.load(root)
         assert loaded.problems == [] and loaded.files_seen == 2 and len(loaded.records) == 2
     assert sweep.finished(tmp_path, "s", "c1")["run_id"] == "c1" and sweep.failed_cells(tmp_path, "s") == ["c2"]
-    assert sweep.invalid_cells(tmp_path) == {"s/c3": "backend=torch trains on 1 device(s), not 2"}
+    assert invalid_cells.invalid_cells(tmp_path) == {"s/c3": "backend=torch trains on 1 device(s), not 2"}
 
 
 def test_the_config_is_never_written_outside_the_results_folder(tmp_path):
