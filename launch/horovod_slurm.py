@@ -2,7 +2,7 @@
 
 ``horovodrun`` normally runs Horovod's rendezvous server and starts every rank itself (over ssh on
 other nodes). Under Slurm, srun starts the ranks instead: the batch script runs this module's
-server on the first node (``python -m launch.horovod_slurm serve``), which writes its port to a
+server on the first node (``python -m scaling.launch.horovod_slurm serve``), which writes its port to a
 file, and each srun task derives its Horovod slot (rank, local and cross ranks, host) from the
 Slurm variables with Horovod's own host-assignment code (``horovod_env``), so the plan the server
 holds and the slots the tasks claim are the same.
@@ -106,7 +106,7 @@ def horovod_env(port_file: Path, rendezvous_addr: str, iface: str, timeout: floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m launch.horovod_slurm")
+    ap = argparse.ArgumentParser(prog="python -m scaling.launch.horovod_slurm")
     ap.add_argument("verb", choices=["serve"])
     ap.add_argument("--port-file", required=True, type=Path)
     ap.add_argument("--tasks-per-node", required=True, type=int)

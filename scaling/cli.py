@@ -75,7 +75,7 @@ def _hydra_run() -> int:
                 record = worker.run(plain)
             else:
                 from scaling.config import validate
-                from launch.local import launch
+                from scaling.launch.local import launch
 
                 validate(plain)
                 record = launch(plain)

@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from scaling.config import CONF_DIR
+from scaling import CHECKOUT
+from scaling.config import CONF_DIR, package_dir
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "cell.sbatch"
-ROOT = TEMPLATE.parent.parent
+TEMPLATE = package_dir("scaling.templates") / "cell.sbatch"
 PER_NODE = ("process", "inprocess", "tf_config")  # launchers whose backend runs one task per node
 
 
@@ -113,7 +113,7 @@ def render_cell(cfg: dict, run_id: str, out_dir: Path) -> Path:
         comment = ("# Horovod (gloo): its rendezvous server runs here (horovodrun's job), srun starts one rank per device\n"
                    f"export SCALING_HOROVOD_PORT_FILE={port_file}\n"
                    "# (each rank finds the interface its own node reaches the others through: no HOROVOD_GLOO_IFACE here)\n"
-                   f"{shlex.quote(sys.executable)} -m launch.horovod_slurm serve --port-file \"$SCALING_HOROVOD_PORT_FILE\" "
+                   f"{shlex.quote(sys.executable)} -m scaling.launch.horovod_slurm serve --port-file \"$SCALING_HOROVOD_PORT_FILE\" "
                    f"--tasks-per-node {tasks_per_node(cfg)} &\n"
                    "rendezvous=$!\ntrap 'kill $rendezvous 2>/dev/null; rm -f \"$SCALING_HOROVOD_PORT_FILE\"' EXIT")
         command = f"srun --kill-on-bad-exit=1 {worker}"
@@ -132,7 +132,8 @@ def render_cell(cfg: dict, run_id: str, out_dir: Path) -> Path:
         "signal_seconds": _directive(int(slurm.get("signal_seconds") or 120), "cluster.signal_seconds"),
         "log_path": _directive(str((out_dir / f"{run_id}.%j.log").resolve()), "log path"),
         "optional_sbatch": "\n".join(optional),
-        "workdir": shlex.quote(str(ROOT)),
+        # a checkout's jobs run in it (its own code first); an installed package's where it was rendered
+        "workdir": shlex.quote(str(CHECKOUT or Path.cwd())),
         "launch_comment": comment,
         "launch_command": command,
     }

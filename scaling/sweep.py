@@ -67,7 +67,7 @@ def failed_cells(results_dir: str | Path, sweep_id: str) -> list[str]:
 
 def run_cell(cfg: dict[str, Any], task_overrides: list[str], job_num: int) -> dict | None:
     """Run one cell unless it already has an ok record. Returns its record (None if not runnable)."""
-    from launch.local import launch
+    from scaling.launch.local import launch
     from scaling.config import ConfigError, check_results_dir, validate
 
     sweep_id = cfg.get("sweep_id") or "adhoc"

@@ -217,7 +217,7 @@ def slurm_rendezvous() -> None:
 def _horovod_under_srun(cfg: dict, run_id: str | None) -> None:
     """srun started this Horovod rank: join the job's gloo rendezvous (the batch script's server,
     or under submitit one that rank 0 runs in a thread), as horovodrun would have arranged."""
-    from launch import horovod_slurm
+    from scaling.launch import horovod_slurm
 
     port_file = os.environ.get("SCALING_HOROVOD_PORT_FILE")
     if not port_file:
