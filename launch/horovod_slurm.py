@@ -2,7 +2,7 @@
 
 ``horovodrun`` normally runs Horovod's rendezvous server and starts every rank itself (over ssh on
 other nodes). Under Slurm, srun starts the ranks instead: the batch script runs this module's
-server on the first node (``python -m launch.horovod_slurm serve``), which writes its port to a
+server on the first node (``python -m scaling.launch.horovod_slurm serve``), which writes its port to a
 file, and each srun task (``join``) derives its Horovod slot (rank, local and cross ranks, host) from the
 Slurm variables with Horovod's own host-assignment code (``horovod_env``), so the plan the server
 holds and the slots the tasks claim are the same.
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from launch import slurm_job
+from scaling.launch import slurm_job
 
 
 def host_plan(hosts: list[str], tasks_per_node: int):
@@ -58,7 +58,7 @@ def batch_lines(job_files: str, tasks_per_node: int) -> list[str]:
     is a shell-quoted path prefix)."""
     return [f'export SCALING_HOROVOD_PORT_FILE={job_files}."$SLURM_JOB_ID".rendezvous',
             "# (each rank finds the interface its own node reaches the others through: no HOROVOD_GLOO_IFACE here)",
-            f"{shlex.quote(sys.executable)} -m launch.horovod_slurm serve --port-file \"$SCALING_HOROVOD_PORT_FILE\" "
+            f"{shlex.quote(sys.executable)} -m scaling.launch.horovod_slurm serve --port-file \"$SCALING_HOROVOD_PORT_FILE\" "
             f"--tasks-per-node {tasks_per_node} &",
             "rendezvous=$!",
             "trap 'kill $rendezvous 2>/dev/null; rm -f \"$SCALING_HOROVOD_PORT_FILE\"' EXIT"]
@@ -126,7 +126,7 @@ def horovod_env(port_file: Path, rendezvous_addr: str, iface: str, timeout: floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m launch.horovod_slurm")
+    ap = argparse.ArgumentParser(prog="python -m scaling.launch.horovod_slurm")
     ap.add_argument("verb", choices=["serve"])
     ap.add_argument("--port-file", required=True, type=Path)
     ap.add_argument("--tasks-per-node", required=True, type=int)

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from launch import horovod_slurm
+from scaling.launch import horovod_slurm
 from scaling.config import ConfigError
 from scaling.config import launcher as launcher_name
 
@@ -37,7 +37,7 @@ class Launcher:
     #: the processes to start on this machine for ``devices`` workers; ``worker`` is the python
     #: arguments of one worker (``-m scaling.worker --config PATH``)
     local: Callable[[int, list[str]], Commands]
-    #: how srun-started tasks find each other: a key of ``launch.slurm_env.RENDEZVOUS``; None: one task
+    #: how srun-started tasks find each other: a key of ``scaling.launch.slurm_env.RENDEZVOUS``; None: one task
     rendezvous: str | None = None
     #: ``scaling run`` runs the backend in its own process (a sweep still starts each cell afresh)
     in_process: bool = False

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launch import launchers
+from scaling.launch import launchers
 from scaling import rank_clock, records, sinks
 from scaling.naming import default_run_id
 from scaling.tracking import WHERE_NOTES

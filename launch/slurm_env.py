@@ -4,7 +4,7 @@ Locally the framework's own launcher (torchrun, horovodrun, our ``TF_CONFIG`` pe
 worker where the others are. Under srun nobody does, so each task works it out here from the job's
 variables, the way that launcher would have: ``MASTER_ADDR``/``MASTER_PORT`` for torch.distributed,
 a slot in the job's gloo rendezvous for Horovod, a ``TF_CONFIG`` for TensorFlow. Which one a run
-needs is its launcher's ``rendezvous`` (``launch.launchers``). The worker calls :func:`set_up` once.
+needs is its launcher's ``rendezvous`` (``scaling.launch.launchers``). The worker calls :func:`set_up` once.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import os
 import signal
 from typing import Any, Callable
 
-from launch import horovod_slurm, launchers, slurm_job
+from scaling.launch import horovod_slurm, launchers, slurm_job
 
 
 class Interrupted(BaseException):

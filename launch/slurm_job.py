@@ -1,6 +1,6 @@
 """What a Slurm job's own variables and ``scontrol`` say about it: its nodes, their addresses, the
-tasks on each node, a port of its own. Read by every rendezvous under srun (``launch.slurm_env``,
-``launch.horovod_slurm``), so each fact is looked up one way."""
+tasks on each node, a port of its own. Read by every rendezvous under srun (``scaling.launch.slurm_env``,
+``scaling.launch.horovod_slurm``), so each fact is looked up one way."""
 from __future__ import annotations
 
 import os

@@ -72,13 +72,13 @@ def _hydra_run() -> int:
             status["code"] = 2
             return
         try:
-            from launch import launchers
+            from scaling.launch import launchers
 
             if launchers.of(plain).in_process:
                 record = worker.run(plain)
             else:
-                from launch.local import launch
                 from scaling.config import validate
+                from scaling.launch.local import launch
 
                 validate(plain)
                 record = launch(plain)

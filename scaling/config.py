@@ -11,7 +11,21 @@ import re
 from pathlib import Path
 from typing import Any
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def package_dir(package: str) -> Path:
+    """The folder holding a data package's files (``scaling.conf``, ``scaling.templates``), found
+    through the import system: inside the installed wheel, or the checkout's top-level folder."""
+    from importlib import resources
+
+    folder = resources.files(package)
+    if not isinstance(folder, Path):  # e.g. a zipped install: Hydra and sbatch need real files
+        raise RuntimeError(f"{package} is not on the file system ({folder}): install scaling from its wheel or a clone")
+    return folder
+
+
+#: Hydra's config folder (an absolute path: Hydra, initialize_config_dir and the group listings read it)
+CONF_DIR = package_dir("scaling.conf")
 
 
 class ConfigError(ValueError):
@@ -37,7 +51,7 @@ def runs_on(backend: dict) -> dict:
 
 def launcher(cfg: dict) -> str | None:
     """How a run's workers start: ``runs_on.launcher``, None when the YAML says nothing
-    (``launch.launchers`` then starts one process)."""
+    (``scaling.launch.launchers`` then starts one process)."""
     return runs_on(cfg["backend"]).get("launcher")
 
 

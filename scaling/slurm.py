@@ -20,12 +20,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from launch import launchers
-from launch.launchers import Launcher
-from scaling.config import CONF_DIR
+from scaling.launch import launchers
+from scaling.launch.launchers import Launcher
+from scaling import CHECKOUT
+from scaling.config import CONF_DIR, package_dir
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "cell.sbatch"
-ROOT = TEMPLATE.parent.parent
+TEMPLATE = package_dir("scaling.templates") / "cell.sbatch"
 
 
 class RenderError(ValueError):
@@ -115,7 +115,8 @@ def render_cell(cfg: dict, run_id: str, out_dir: Path) -> Path:
         "signal_seconds": _directive(int(slurm.get("signal_seconds") or 120), "cluster.signal_seconds"),
         "log_path": _directive(str((out_dir / f"{run_id}.%j.log").resolve()), "log path"),
         "optional_sbatch": "\n".join(optional),
-        "workdir": shlex.quote(str(ROOT)),
+        # a checkout's jobs run in it (its own code first); an installed package's where it was rendered
+        "workdir": shlex.quote(str(CHECKOUT or Path.cwd())),
         "launch_setup": "\n".join([f"# {launcher.srun_note}", *setup_lines]),
         "launch_command": f"srun --kill-on-bad-exit=1 {worker}",
     }

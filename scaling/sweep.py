@@ -43,8 +43,8 @@ def failed_cells(results_dir: str | Path, sweep_id: str) -> list[str]:
 def run_cell(cfg: dict[str, Any], task_overrides: list[str], job_num: int) -> dict | None:
     """Run one cell unless it already has an ok record. Returns its record (None if not runnable).
     Every cell runs in fresh processes, a single-process backend's too."""
-    from launch import launchers
-    from launch.local import launch
+    from scaling.launch import launchers
+    from scaling.launch.local import launch
     from scaling.config import ConfigError, check_results_dir, validate
 
     sweep_id = cfg.get("sweep_id") or "adhoc"
@@ -121,7 +121,7 @@ def headline(record: dict) -> str:
 
 def _run_in_slurm_task(cfg: dict, tag: str) -> dict | None:
     """Inside a submitit job: this task is one rank; check the allocation fits the cell, then train."""
-    from launch import launchers, slurm_job
+    from scaling.launch import launchers, slurm_job
     from scaling import worker
 
     want_nodes, want_tasks = int(cfg["cluster"]["nodes"]), launchers.of(cfg).tasks_per_node(cfg["devices"])

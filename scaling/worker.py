@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from launch import slurm_env
+from scaling.launch import slurm_env
 from scaling import config as config_mod
 from scaling import records, settings, sinks, tracking
 from scaling.naming import default_run_id

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 
 def pump(lines, echo_all, capsys):
-    from launch.local import _Proc, _pump
+    from scaling.launch.local import _Proc, _pump
 
     proc = _Proc(SimpleNamespace(stdout=io.StringIO("".join(lines))))
     log = io.StringIO()

@@ -63,7 +63,7 @@ def test_results_dir_that_is_a_file_fails_before_training(tmp_path):
     cfg = compose(f"results_dir={blocker}", *QUICK)
     with pytest.raises(ConfigError, match="cannot write records"):
         worker.run(cfg)
-    from launch.local import launch
+    from scaling.launch.local import launch
 
     with pytest.raises(ConfigError, match="cannot write records"):
         launch(compose(f"results_dir={blocker}", "backend=torch_ddp", "devices=2", *QUICK))
@@ -245,7 +245,7 @@ def test_slurm_sweep_with_a_geometry_the_backend_cannot_run_is_refused_before_su
 @pytest.mark.multiprocess
 def test_a_killed_launcher_leaves_nothing_behind_after_the_next_run(tmp_path):
     pytest.importorskip("torch")
-    from launch.local import launch
+    from scaling.launch.local import launch
 
     group = tmp_path / "runs"
     # what a launcher killed with SIGKILL leaves: its hidden folder and an empty log

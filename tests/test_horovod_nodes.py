@@ -1,7 +1,7 @@
 """Horovod across two emulated nodes with distinct addresses: each rank in its own network
 namespace (10.77.x.1 and 10.77.x.2 over a veth pair), started as srun would start it (Slurm's
 variables, a stand-in ``scontrol``), joining the batch script's rendezvous server
-(``launch.horovod_slurm``). Loopback is not shared between the nodes, so a rank that binds the
+(``scaling.launch.horovod_slurm``). Loopback is not shared between the nodes, so a rank that binds the
 wrong interface cannot be reached and the all-reduce fails."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.multiprocess
 RANK = """
 import os, sys
 from pathlib import Path
-from launch import horovod_slurm as hs
+from scaling.launch import horovod_slurm as hs
 addr = sys.argv[2]
 iface = os.environ.get("HOROVOD_GLOO_IFACE") or hs.route_iface(addr)
 os.environ.update(hs.horovod_env(Path(sys.argv[1]), addr, iface, timeout=30))
@@ -78,7 +78,7 @@ def _run_job(tmp_path: Path, names, addrs, force_iface: str | None = None):
            "PYTHONUNBUFFERED": "1"}
     if force_iface:
         env["HOROVOD_GLOO_IFACE"] = force_iface
-    server = subprocess.Popen(["ip", "netns", "exec", names[0], sys.executable, "-m", "launch.horovod_slurm", "serve",
+    server = subprocess.Popen(["ip", "netns", "exec", names[0], sys.executable, "-m", "scaling.launch.horovod_slurm", "serve",
                                "--port-file", str(port_file), "--tasks-per-node", "1"], env=env, cwd=ROOT)
     try:
         ranks = [subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(tmp_path / "rank.py"), str(port_file),

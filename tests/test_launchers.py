@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch import launchers, slurm_env
+from scaling.launch import launchers, slurm_env
 from scaling.config import CONF_DIR, ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,7 +124,7 @@ def test_an_srun_task_gets_its_launchers_rendezvous(new_launcher, srun_task, mon
 @pytest.mark.multiprocess
 def test_a_new_launcher_runs_a_two_worker_cell_locally(new_launcher, tmp_path):
     pytest.importorskip("torch")
-    from launch.local import launch
+    from scaling.launch.local import launch
 
     cfg = compose("backend=torch_ddp", "devices=2", f"backend.runs_on.launcher={new_launcher.name}",
                   f"results_dir={tmp_path}", "run_name=two", *QUICK)

@@ -96,7 +96,7 @@ def test_per_device_backends_run_one_task_per_device(tmp_path):
     assert "#SBATCH --partition=gpu" in text and "srun --kill-on-bad-exit=1" in text
     _, hvd = render(tmp_path / "h", "backend=horovod_torch", "devices=4", "cluster.nodes=2", *QUICK)
     text = hvd[0].read_text()
-    assert "#SBATCH --ntasks-per-node=4" in text and "-m launch.horovod_slurm serve" in text
+    assert "#SBATCH --ntasks-per-node=4" in text and "-m scaling.launch.horovod_slurm serve" in text
     assert "srun --kill-on-bad-exit=1" in text
     assert not [line for line in text.splitlines() if line.startswith("horovodrun")]  # srun starts the ranks
     _, mirrored = render(tmp_path / "m", "backend=tf_mirrored", "devices=4", *QUICK)

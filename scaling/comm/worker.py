@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from launch import slurm_env
+from scaling.launch import slurm_env
 from scaling import comm, records, sinks, tracking
 from scaling import settings
 from scaling.process import announce, rank_info

@@ -1,0 +1,2 @@
+"""The sbatch template ``scaling slurm render`` fills (``scaling.templates``): a package so a wheel
+carries it beside the code."""
