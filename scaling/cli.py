@@ -25,7 +25,7 @@ verbs:
   report RESULTS_DIR [--out DIR]
                              the self-contained HTML dashboard (and PNG figures)
   predict RESULTS_DIR [--validate]
-                             fit the scaling model and predict 16..1024 devices
+                             fit the scaling model; predict up to 1024 devices where the fit is identifiable
   slurm render [OVERRIDES...] --out DIR
                              write one sbatch script per cell (cluster=slurm settings)
   data fetch|verify|path NAME

@@ -21,7 +21,7 @@ COLUMNS = ["sweep", "run_id", "status", "error", "backend", "library", "N", "var
 @dataclass
 class CommSection:
     rows: pd.DataFrame
-    figures: list = field(default_factory=list)  # report.Figure
+    figures: list = field(default_factory=list)  # report_figures.Figure
     html: str = ""
 
 

@@ -21,7 +21,7 @@ PARTS = (("compute_s", "compute (N=1 step)", "#4c72b0"), ("transfer_s", "transfe
 class DecompositionSection:
     table: pd.DataFrame
     validation: pd.DataFrame
-    figures: list = field(default_factory=list)  # report.Figure
+    figures: list = field(default_factory=list)  # report_figures.Figure
     html: str = ""
 
 
