@@ -9,12 +9,6 @@ from __future__ import annotations
 
 WORKLOADS = ("mlp", "cnn")
 
-#: trainable parameters of each workload, identical in both frameworks
-PARAMETERS = {
-    "mlp": 784 * 128 + 128 + 128 * 10 + 10,  # 101,770
-    "cnn": (9 * 32 + 32) + (9 * 32 * 64 + 64) + (12 * 12 * 64 * 128 + 128) + (128 * 10 + 10),  # 1,199,882
-}
-
 #: the hidden dense layer's width of every workload by default
 DEFAULT_HIDDEN = 128
 
@@ -40,3 +34,8 @@ def label(workload: str | dict) -> str:
     """The workload's name, with its width when that is not the default: ``mlp``, ``mlp-h1024``."""
     h = hidden_of(workload)
     return name_of(workload) + ("" if h == DEFAULT_HIDDEN else f"-h{h}")
+
+
+#: trainable parameters of each workload at the default width, identical in both frameworks
+#: (mlp 101,770; cnn 1,199,882)
+PARAMETERS = {name: parameters(name) for name in WORKLOADS}
