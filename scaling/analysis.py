@@ -57,6 +57,8 @@ class Loaded:
     #: one human sentence per thing that is missing, skipped or odd
     problems: list[str] = field(default_factory=list)
     files_seen: int = 0
+    #: records of other kinds of measurement (``scaling comm``), kept apart from the training runs
+    others: list[dict] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -101,7 +103,8 @@ def load(results_dir: str | Path) -> Loaded:
             out.problems.append(f"{rel}: schema version {version} but no config or status, skipped")
             continue
         if record.get("kind", "train") != "train":
-            continue  # another kind of measurement (`scaling comm`): scaling.report_comm reads those
+            out.others.append(record)  # another kind of measurement (`scaling comm`): scaling.report_comm reads those
+            continue
         out.records.append(record)
         out.paths.append(path)
     for version, count in versions.items():

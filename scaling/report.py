@@ -307,8 +307,9 @@ def render_html(results_dir: Path, loaded: analysis.Loaded, cells: pd.DataFrame,
 
     invalid = invalid_cells(results_dir)
     parts = [f"<h1>Scaling study report</h1><p class='meta'>{_esc(results_dir)} &middot; generated {generated} &middot; "
-             f"{loaded.files_seen} record files, {n_ok} ok, {n_failed} failed, {loaded.files_seen - len(loaded.records)} "
-             f"unreadable &middot; {len(invalid)} grid cells skipped as invalid for their backend</p>"]
+             f"{loaded.files_seen} record files: {n_ok} ok, {n_failed} failed, {len(loaded.others)} collective "
+             f"benchmarks, {loaded.files_seen - len(loaded.records) - len(loaded.others)} unreadable &middot; "
+             f"{len(invalid)} grid cells skipped as invalid for their backend</p>"]
     if invalid:
         reasons = sorted({r.split(". Fix:")[0] for r in invalid.values()})
         problems = [*problems, f"{len(invalid)} cell(s) of the sweeps' grids were not run: " + "; ".join(reasons)]

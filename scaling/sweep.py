@@ -168,8 +168,9 @@ def summary_table(results_dir: str | Path, sweep_id: str) -> None:
                _fmt(r["speedup"], ".2f"), _fmt(r["efficiency"], ".0%"), _fmt(r["final_test_accuracy"], ".4f"))
         table.add_row(*(Text(str(v)) for v in row))  # values as text, never as markup
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)  # a log keeps whole columns
-    console.print(table)
-    comms = [rec for rec in loaded.records if rec.get("group") == sweep_id and records.kind(rec) == "comm"]
+    comms = [rec for rec in loaded.others if rec.get("group") == sweep_id and records.kind(rec) == "comm"]
+    if runs or not comms:
+        console.print(table)
     if comms:
         console.print(f"{len(comms)} collective benchmark cell(s): `scaling report {results_dir}` plots them", markup=False)
 

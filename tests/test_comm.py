@@ -130,7 +130,10 @@ def test_comm_sweep_over_torch_distributed_writes_record_dashboard_and_wandb_run
     record = json.loads(found[0].read_text())
     check(record, "torch.distributed (gloo)")
     assert record["environment"]["process_group"] == "gloo" and len(record["ranks"]) == 2
-    assert "Collectives (scaling comm)" in (tmp_path / "report" / "index.html").read_text()
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "Collectives (scaling comm)" in page
+    assert "1 collective benchmarks, 0 unreadable" in page  # counted as what they are
+    assert "1 collective benchmark cell(s)" in proc.stderr and "0 runs" not in proc.stderr
     runs = list((tmp_path / "wandb").glob("offline-run-*/*.wandb"))
     assert len(runs) == 1, "one W&B run for the comm cell (the training summary run skips comm records)"
 
