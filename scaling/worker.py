@@ -17,7 +17,8 @@ from scaling import records, settings, sinks, tracking
 from scaling.naming import default_run_id
 from scaling.process import announce, die_with_parent, rank_info
 from scaling.placement import Placement
-from scaling.protocol import Measurement, Progress, ProtocolConfig, drive, process_start_time
+from scaling.progress import Progress
+from scaling.protocol import Measurement, ProtocolConfig, drive, process_start_time
 from scaling.rank_clock import RankClock
 
 
