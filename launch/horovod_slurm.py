@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from scaling.launch import slurm_job
+from scaling.launch.slurm_job import route_iface
 
 
 def host_plan(hosts: list[str], tasks_per_node: int):
@@ -79,32 +79,6 @@ def join(cfg: dict, run_id: str | None) -> None:
     addr = os.environ["MASTER_ADDR"]
     iface = os.environ.get("HOROVOD_GLOO_IFACE") or route_iface(addr)
     os.environ.update(horovod_env(Path(port_file), addr, iface))
-
-
-def route_iface(addr: str, ip=None) -> str:
-    """The interface Horovod's gloo binds to on this node, for a job whose rendezvous is ``addr``.
-
-    Other nodes reach this one the way this one reaches ``addr``: the device of ``ip route get``.
-    On the rendezvous node itself that route is ``lo`` (its own address), but the other nodes
-    reach it through the interface that holds ``addr``, so that one is chosen there.
-    """
-    ip = ip or _ip
-    try:
-        words = ip("route", "get", addr).split()
-        dev = words[words.index("dev") + 1]
-    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
-        return "lo" if addr.startswith("127.") else "eth0"
-    if dev != "lo" or addr.startswith("127."):
-        return dev
-    try:  # `ip -o addr show to ADDR`: "2: eth0    inet 10.0.0.5/24 ..."
-        owner = ip("addr", "show", "to", addr).split()
-        return owner[1].rstrip(":") if len(owner) > 1 else dev
-    except (OSError, subprocess.SubprocessError):
-        return dev
-
-
-def _ip(*args: str) -> str:
-    return subprocess.run(["ip", "-o", *args], capture_output=True, text=True, timeout=10).stdout
 
 
 def horovod_env(port_file: Path, rendezvous_addr: str, iface: str, timeout: float = 120) -> dict[str, str]:

@@ -48,7 +48,7 @@ def torch_env(cfg: dict | None = None, run_id: str | None = None) -> None:
         os.environ["MASTER_ADDR"] = slurm_job.node_addr(first)
         os.environ.setdefault("MASTER_PORT", str(slurm_job.job_port()))
     if "MASTER_ADDR" in os.environ and "GLOO_SOCKET_IFNAME" not in os.environ:
-        os.environ["GLOO_SOCKET_IFNAME"] = horovod_slurm.route_iface(os.environ["MASTER_ADDR"])
+        os.environ["GLOO_SOCKET_IFNAME"] = slurm_job.route_iface(os.environ["MASTER_ADDR"])
 
 
 def horovod(cfg: dict, run_id: str | None) -> None:

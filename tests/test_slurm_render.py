@@ -97,7 +97,7 @@ def fake_ip(routes: dict[str, str], owners: dict[str, str]):
 
 
 def test_each_node_binds_the_interface_the_other_nodes_reach_it_through():
-    from scaling.launch.horovod_slurm import route_iface
+    from scaling.launch.slurm_job import route_iface
 
     # the rendezvous node: its route to its own address is `lo`, but peers come in on eth0
     head = fake_ip({"10.0.0.5": "local 10.0.0.5 dev lo table local src 10.0.0.5 uid 0"},
