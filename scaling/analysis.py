@@ -139,9 +139,15 @@ def _text(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+#: workload config keys that are no part of a study's identity: the name has its own column, and
+#: the ``build`` block says how each framework builds the network, not which network it is (records
+#: written before the block existed belong to the same studies)
+_NOT_WORKLOAD_PARAMS = ("name", "build")
+
+
 def workload_params(workload: dict) -> str:
-    """The workload's parameters other than its name, e.g. ``hidden=128, parameters=101770``."""
-    return ", ".join(f"{k}={_text(v)}" for k, v in sorted((workload or {}).items()) if k != "name")
+    """The workload's parameters other than its name and build block, e.g. ``hidden=128, parameters=101770``."""
+    return ", ".join(f"{k}={_text(v)}" for k, v in sorted((workload or {}).items()) if k not in _NOT_WORKLOAD_PARAMS)
 
 
 def fast_settings(backend: dict) -> str:
@@ -426,8 +432,8 @@ def _code_text(code: dict | None) -> str:
 
 
 def workload_parameters(workload: dict | str) -> int | None:
-    """A workload's parameter count from its definition (``scaling.workloads``), for records that do
-    not carry it; None for a workload this version does not know."""
+    """A workload's parameter count from its formula (``scaling.workloads``), for records that do
+    not carry it; None for a workload without one."""
     from scaling.workloads import parameters
 
     try:

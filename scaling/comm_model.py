@@ -266,13 +266,15 @@ def predict(series: pd.DataFrame, n: int, fits: dict, comm_rows: pd.DataFrame) -
 
 
 def series_of(cells: pd.DataFrame):
-    """Each backend's training series (one cell key, single node), as the training-runs model groups them."""
+    """Each backend's training series (one cell key, single node), as the training-runs model groups
+    them (those without a known gradient size left out)."""
     from scaling import analysis
+    from scaling.scaling_model import known_gradient
 
     ok = effective_steps(cells)
     for key, grp in ok.groupby(analysis.CELL_KEYS, dropna=False, sort=True):
         grp = grp[grp["nodes"] == 1] if "nodes" in grp else grp
-        if grp["N"].nunique() >= 2:
+        if grp["N"].nunique() >= 2 and known_gradient(grp):
             yield dict(zip(analysis.CELL_KEYS, key)), grp
 
 

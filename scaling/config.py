@@ -120,13 +120,8 @@ def validate(cfg: dict) -> None:
     facts = runs_on(cfg["backend"])
     if not facts.get("framework"):
         raise ConfigError(f"backend={cfg['backend']['name']}: its YAML's runs_on block names no framework (tf, torch)")
-    from scaling.data import DATASETS
-    from scaling.workloads import WORKLOADS
-
-    if cfg["data"]["name"] not in DATASETS:
-        raise ConfigError(f"data.name={cfg['data']['name']!r}: unknown dataset. Fix: data=<one of {list(DATASETS)}>")
-    if cfg["workload"]["name"] not in WORKLOADS:
-        raise ConfigError(f"workload.name={cfg['workload']['name']!r}: unknown workload. Fix: workload=<one of {list(WORKLOADS)}>")
+    _check_data(cfg["data"])
+    _check_workload(cfg["workload"], facts["framework"])
     _positive_int(cfg, "workload.hidden", allow_none=True)
     _positive_int(cfg, "train.per_device_batch")
     _positive_int(cfg, "train.epochs")
@@ -174,6 +169,63 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"device={cfg.get('device')!r}: must be auto, cpu or cuda")
     _check_fast_mode(cfg)
     _positive_int(cfg, "protocol.sync_every", allow_none=True)
+
+
+def _findable(module: str) -> Any:
+    """The module's spec if Python can import it (found without running it), else None."""
+    from importlib.util import find_spec
+
+    try:
+        return find_spec(module)
+    except (ImportError, ValueError, AttributeError):
+        return None
+
+
+def _check_target(key: str, target: Any, fix: str) -> None:
+    """A ``_target_`` whose module cannot be found is refused now, naming the key and the fix. Its
+    modules are found, not run (only the packages above them are imported: no framework is loaded
+    here), so a wrong name inside a module that exists shows when the run builds it."""
+    parts = str(target or "").split(".")
+    for i in range(1, len(parts)):
+        spec = _findable(".".join(parts[:i]))
+        if spec is None:
+            break
+        if spec.submodule_search_locations is None or i == len(parts) - 1:
+            return  # a module (the rest are names inside it), or a package and a name it defines
+    raise ConfigError(f"{key}={target!r}: Python finds no module {'.'.join(parts[:-1]) or target!r}. Fix: {fix}")
+
+
+def _check_data(data: dict) -> None:
+    """The dataset's ``_target_`` can be imported; the study's own loader knows the name."""
+    from scaling.data import DATASETS, DEFAULT_TARGET
+
+    target = data.get("_target_") or DEFAULT_TARGET
+    if target == DEFAULT_TARGET:
+        if data["name"] not in DATASETS:
+            raise ConfigError(f"data.name={data['name']!r}: unknown dataset. Fix: data=<one of {available('data')}>, "
+                              "or a data YAML whose _target_ returns the dataset")
+        return
+    _check_target("data._target_", target, "put the function's module on PYTHONPATH, or correct _target_ in "
+                                           f"the data YAML of {data['name']!r}")
+
+
+def _check_workload(workload: dict, framework: str) -> None:
+    """The workload says how ``framework`` builds it (``build.<framework>``), and that can be imported."""
+    from scaling.workloads import config_of
+
+    name = workload["name"]
+    try:
+        build = config_of(workload).get("build") or {}
+    except ValueError:
+        raise ConfigError(f"workload.name={name!r}: unknown workload (no build block, no conf/workload/{name}.yaml). "
+                          f"Fix: workload=<one of {available('workload')}>, or a workload YAML with a build block") from None
+    spec = build.get(framework)
+    if not isinstance(spec, dict) or not spec.get("_target_"):
+        raise ConfigError(f"workload={name} names no build.{framework}._target_: a {framework} backend cannot build it. "
+                          f"Fix: add build.{framework}: {{_target_: <module.callable>}} to its YAML, or a backend "
+                          f"of another framework ({', '.join(sorted(build)) or 'none named'})")
+    _check_target(f"workload.build.{framework}._target_", spec["_target_"],
+                  f"put the module on PYTHONPATH, or correct build.{framework} in the workload YAML of {name!r}")
 
 
 def _check_fast_mode(cfg: dict) -> None:

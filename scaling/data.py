@@ -1,5 +1,9 @@
 """Datasets for the study: fetch once, verify, cache as .npy, load in milliseconds.
 
+A run's dataset is what its data YAML's ``_target_`` returns (``conf/data/*.yaml``): for the
+study's own, ``open_dataset``; a dataset from outside the package is a function returning a
+``Dataset`` (called with the YAML's keys plus ``seed`` and ``log``) and a YAML naming it.
+
 Every backend in both frameworks reads the same bytes (``load``) in the same order
 (``scaling.sharding``), so differences between runs come from the frameworks, not the data.
 
@@ -42,11 +46,15 @@ __all__ = [
     "default_cache_dir",
     "fetch",
     "load",
+    "open_dataset",
     "verify",
 ]
 
+#: the datasets this module serves by name (``load``, ``scaling data``)
 DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "synthetic")
 REAL_DATASETS = ("mnist", "fashion_mnist")
+#: the data YAMLs' ``_target_`` for these (and a data config without one)
+DEFAULT_TARGET = "scaling.data.open_dataset"
 NUM_CLASSES = 10
 SPLIT_SIZES = {"train": 60000, "test": 10000}
 CACHE_FORMAT_VERSION = 1
@@ -315,6 +323,16 @@ def load(name: str, cache_dir: str | Path | None = None, fetch_missing: bool = T
         arrays, manifest = _open_cache(folder, name)
     _check_sha256(folder, name, manifest)  # a flipped byte must not train silently (~0.05 s for MNIST)
     return Dataset(name=name, num_classes=NUM_CLASSES, source=f"{manifest['source']}; cache {folder}", **arrays)
+
+
+def open_dataset(name: str, cache_dir: str | Path | None = None, offline: bool | None = None, *, seed: int = 0,
+                 log: Log = print) -> Dataset:
+    """A run's dataset as the study's data YAMLs name it (their ``_target_``): a real one fetched
+    into the cache first when it is not there (``offline`` or ``SCALING_OFFLINE=1`` skips the
+    mirrors), then loaded; ``synthetic`` generated from ``seed``."""
+    if name in REAL_DATASETS:
+        fetch(name, cache_dir, offline=offline or None, log=log)
+    return load(name, cache_dir=cache_dir, seed=seed, log=log)
 
 
 def _check_sha256(folder: Path, name: str, manifest: dict) -> None:

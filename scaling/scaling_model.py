@@ -305,9 +305,23 @@ def _reading_at(fit: Fit, n: int) -> tuple[float, float, float]:
     return (min(readings), math.nan, max(readings)) if readings else (math.nan, math.nan, math.nan)
 
 
+def known_gradient(points: pd.DataFrame) -> bool:
+    """Whether a series' gradient size is known: its records' parameter count (counted from the
+    built model), else its workload's formula. Records of a workload with neither cannot be fitted."""
+    first = points.iloc[0]
+    try:
+        gradient_bytes(str(first["workload"]), first.get("parameters"))
+    except ValueError:
+        return False
+    return True
+
+
 def _series(ok: pd.DataFrame):
-    """One backend's points per node count; a multi-node series keeps its own N = 1 base."""
+    """One backend's points per node count; a multi-node series keeps its own N = 1 base (series
+    without a known gradient size are left out)."""
     for _, grp in ok.groupby(analysis.CELL_KEYS, dropna=False, sort=True):
+        if not known_gradient(grp):
+            continue
         for nodes, part in grp.groupby("nodes", sort=True):
             base = grp[(grp["N"] == 1) & (grp["nodes"] == 1)]
             yield part if nodes == 1 else pd.concat([base, part])

@@ -39,7 +39,8 @@ def run(cfg: dict[str, Any]) -> dict:
     config_mod.validate(cfg)
     from scaling.workloads import parameters
 
-    cfg = {**cfg, "workload": {**cfg["workload"], "parameters": parameters(cfg["workload"])}}  # for its width
+    # for its width; None for a workload without a formula, until the backend builds it
+    cfg = {**cfg, "workload": {**cfg["workload"], "parameters": parameters(cfg["workload"])}}
     if cfg.get("comm"):  # a collective micro-benchmark cell (`scaling comm`), launched like any cell
         from scaling.comm.worker import run as run_comm
 
@@ -101,14 +102,19 @@ def run(cfg: dict[str, Any]) -> dict:
 
 
 def _dataset(cfg: dict, rank: int) -> Any:
-    """The run's dataset, fetched first when it is a real one (rank 0 says what it does)."""
-    from scaling import data
+    """The run's dataset: its data config's ``_target_`` (``scaling.data.open_dataset``, which
+    fetches a real dataset first, for configs written before the key existed) called with the
+    config's other keys, the run's seed and a log (rank 0 says what it does)."""
+    from hydra.utils import instantiate
 
-    dcfg = cfg["data"]
-    log = _log if rank == 0 else _quiet
-    if dcfg["name"] in data.REAL_DATASETS:
-        data.fetch(dcfg["name"], dcfg.get("cache_dir"), offline=dcfg.get("offline") or None, log=log)
-    return data.load(dcfg["name"], cache_dir=dcfg.get("cache_dir"), seed=cfg["seed"], log=log)
+    from scaling.data import DEFAULT_TARGET, Dataset
+
+    dcfg = {"_target_": DEFAULT_TARGET, **cfg["data"]}
+    dataset = instantiate(dcfg, _partial_=True, _convert_="all")(seed=cfg["seed"], log=_log if rank == 0 else _quiet)
+    if not isinstance(dataset, Dataset):
+        raise TypeError(f"data={cfg['data']['name']}: {dcfg['_target_']} returned {type(dataset).__name__}, "
+                        "not a scaling.data.Dataset")
+    return dataset
 
 
 def _progress(cfg: dict, backend: Any, run_id: str, pcfg: ProtocolConfig) -> Progress | None:

@@ -52,6 +52,27 @@ def test_tidy_has_one_row_per_record(local_cells):
     assert (local_cells["accelerator"] == "cpu").all()
 
 
+def test_a_workloads_build_block_is_no_part_of_its_cell():
+    """How each framework builds a workload (its YAML's ``build`` block) joins no key: records written
+    before the block existed (the fixtures) pool with records that carry it, in the study, the cell,
+    its aggregate and the W&B sweep summary's series."""
+    from scaling.tracking_sweep import _series_key, sweep_rows
+
+    old, new = (json.loads((LOCAL_CPU / "local_cpu" / f"torch_ddp-mlp-mnist-weak-n{n}x1-r{r}.json").read_text())
+                for n, r in ((1, 0), (2, 1)))
+    assert "build" not in old["config"]["workload"]
+    new["config"]["workload"]["build"] = {"torch": {"_target_": "scaling.workloads.torch_models.MLP"},
+                                          "tf": {"_target_": "scaling.workloads.tf_models.mlp"}}
+    cells = analysis.tidy([old, new])
+    assert cells[analysis.CELL_KEYS].drop_duplicates().shape[0] == 1
+    assert analysis.workload_params(new["config"]["workload"]) == analysis.workload_params(old["config"]["workload"])
+    agg = analysis.aggregate(cells).set_index("N")
+    assert len(agg) == 2 and agg.loc[2, "speedup"] == pytest.approx(
+        new["metrics"]["samples_per_s"] / old["metrics"]["samples_per_s"])
+    assert _series_key(new["config"]) == _series_key(old["config"])
+    assert [r["speedup"] for r in sweep_rows([old, new])] == [1.0, pytest.approx(agg.loc[2, "speedup"])]
+
+
 def test_aggregate_matches_hand_computation(local_cells):
     agg = analysis.aggregate(local_cells).set_index(["backend", "N"])
     one, two = _raw_throughputs("horovod_torch", 1), _raw_throughputs("horovod_torch", 2)

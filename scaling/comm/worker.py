@@ -23,11 +23,15 @@ from scaling.placement import Placement
 def measure(path, cfg: dict, before_each: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Every message size's figures for this cell (the same on every rank); ``before_each`` runs
     before each size (the placement settles threads the library started lazily)."""
-    from scaling.workloads import WORKLOADS, label
+    from scaling.config import available, runs_on
+    from scaling.workloads import config_of, label
 
     ccfg = cfg["comm"]
-    # every workload at its default width, and the cell's own workload at its width
-    workloads = {label(name): name for name in (ccfg.get("gradients") or WORKLOADS)}
+    framework = runs_on(cfg["backend"]).get("framework")
+    # the workloads named (default: every conf/workload YAML this framework builds) as their YAMLs
+    # give them, and the cell's own workload at its width
+    named = [config_of(name) for name in (ccfg.get("gradients") or available("workload"))]
+    workloads = {label(w): w for w in named if ccfg.get("gradients") or framework in (w.get("build") or {})}
     workloads[label(cfg["workload"])] = cfg["workload"]
     labelled = {key: path.gradient_elements(w) * comm.ELEMENT_BYTES for key, w in workloads.items()}
     n = int(cfg["devices"]) * int(cfg["cluster"]["nodes"])

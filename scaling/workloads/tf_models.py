@@ -8,7 +8,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from scaling.workloads import hidden_of, name_of, parameters
+from scaling import workloads
 
 
 def mlp(num_classes: int = 10, hidden: int = 128) -> keras.Model:
@@ -44,16 +44,9 @@ def cnn(num_classes: int = 10, hidden: int = 128) -> keras.Model:
     )
 
 
-MODELS = {"mlp": mlp, "cnn": cnn}
-
-
 def build(workload: str | dict, num_classes: int = 10) -> keras.Model:
-    """The workload (a name, or its config with ``hidden``) as a Keras model."""
-    model = MODELS[name_of(workload)](num_classes, hidden_of(workload))
-    count = parameter_count(model)
-    if num_classes == 10 and count != parameters(workload):
-        raise AssertionError(f"keras {name_of(workload)} has {count} parameters, expected {parameters(workload)}")
-    return model
+    """The workload (a name, or its config) as a Keras model: its YAML's ``build.tf`` (``scaling.workloads.build``)."""
+    return workloads.build(workload, "tf", num_classes, parameter_count)
 
 
 def parameter_count(model: keras.Model) -> int:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from scaling.workloads import hidden_of, name_of, parameters
+from scaling import workloads
 
 
 class MLP(nn.Module):
@@ -49,16 +49,9 @@ class CNN(nn.Module):
         return F.log_softmax(self.fc2(x), dim=1)
 
 
-MODELS = {"mlp": MLP, "cnn": CNN}
-
-
 def build(workload: str | dict, num_classes: int = 10) -> nn.Module:
-    """The workload (a name, or its config with ``hidden``) as a torch module."""
-    model = MODELS[name_of(workload)](num_classes, hidden_of(workload))
-    count = parameter_count(model)
-    if num_classes == 10 and count != parameters(workload):
-        raise AssertionError(f"torch {name_of(workload)} has {count} parameters, expected {parameters(workload)}")
-    return model
+    """The workload (a name, or its config) as a torch module: its YAML's ``build.torch`` (``scaling.workloads.build``)."""
+    return workloads.build(workload, "torch", num_classes, parameter_count)
 
 
 def parameter_count(model: nn.Module) -> int:
