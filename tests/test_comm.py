@@ -52,6 +52,33 @@ def comm_record(run_id="comm-torch_ddp-mlp-mnist-weak-n2x1-r0", status="ok", n=2
                                metrics=metrics, error=None if status == "ok" else "rank 1: boom")
 
 
+class _CountingPath:
+    """A collective path that times nothing: its gradient sizes are the workloads' formulas."""
+    processes, rank, library = 1, 0, "none"
+
+    def gradient_elements(self, workload):
+        from scaling.workloads import parameters
+
+        return parameters(workload)
+
+    def time_all_reduce(self, elements, warmup, iters):
+        return [1e-6] * iters
+
+    def exchange(self, table):
+        return table
+
+
+@pytest.mark.parametrize("framework", ["torch", "tf"])
+def test_gradient_sizes_of_every_workload_yaml_the_framework_builds_and_the_cells_own(framework):
+    from scaling.comm.worker import measure
+    from scaling.workloads import parameters
+
+    cfg = {"comm": {**QUICK, "max_bytes": 64}, "workload": {"name": "mlp", "hidden": 1024},
+           "backend": {"runs_on": {"framework": framework}}, "devices": 1, "cluster": {"nodes": 1}}
+    m = measure(_CountingPath(), cfg)
+    assert m["gradient_bytes"] == {"mlp": 101_770 * 4, "cnn": 1_199_882 * 4, "mlp-h1024": parameters(cfg["workload"]) * 4}
+
+
 def test_comm_records_validate_and_keep_out_of_the_training_analysis(tmp_path):
     rec = comm_record()
     assert rec["kind"] == "comm"
