@@ -2,8 +2,8 @@
 
 No framework imports (pandas and numpy only), so the CLI, the report and the tests load it at once.
 
-A cell is (study, backend, settings, layout): the study is (sweep, workload and its parameters,
-data, scaling mode, variant, other overrides), the settings are the backend's fast modes
+A cell is (study, backend, settings, layout): the study is (sweep, workload and its parameters but
+its ``build`` block, data, scaling mode, variant, other overrides), the settings are the backend's fast modes
 (``fast``, ``steps_per_call``, ``jit_compile``), the layout is ``<devices per node>x<nodes>``.
 Records that differ in any of them are never pooled; ``N`` = devices per node x nodes is the x
 axis, the layout is shown beside it.

@@ -1,4 +1,5 @@
-"""Keras (TensorFlow) versions of the workloads: the twins of torch_models.py, layer for layer.
+"""Keras (TensorFlow) versions of the workloads: the twins of torch_models.py, layer for layer,
+named by the workload YAMLs' ``build.tf``.
 
 Both output logits and train with ``SparseCategoricalCrossentropy(from_logits=True)``: the same
 loss as PyTorch's ``log_softmax`` + ``nll_loss``, as in the TensorFlow quickstart.

@@ -1,4 +1,5 @@
-"""PyTorch versions of the workloads: the twins of tf_models.py, layer for layer.
+"""PyTorch versions of the workloads: the twins of tf_models.py, layer for layer, named by the
+workload YAMLs' ``build.torch``.
 
 Both end in ``log_softmax`` and train with ``nll_loss``, as in PyTorch's MNIST example.
 """
