@@ -315,6 +315,26 @@ def test_fashion_mnist_from_debian(tmp_path):
     assert str(FASHION_DEBIAN) in ds.source
 
 
+def test_the_data_yamls_target_opens_each_dataset_as_a_run_does(mnist_cache, tmp_path):
+    """``open_dataset`` (the data YAMLs' ``_target_``, which the worker instantiates): a real
+    dataset from the cache (fetched first when missing), synthetic from the seed, nothing cached."""
+    import yaml
+
+    from scaling.config import CONF_DIR
+    from scaling.worker import _dataset
+
+    for name in data.DATASETS:
+        spec = yaml.safe_load((CONF_DIR / "data" / f"{name}.yaml").read_text())
+        assert spec["_target_"] == data.DEFAULT_TARGET and spec["name"] == name
+        cfg = {"seed": 0, "data": {**spec, "cache_dir": str(mnist_cache), "offline": True}}
+        if name != "fashion_mnist":  # not in the test cache
+            assert _dataset(cfg, rank=1).name == name
+    assert _dataset({"seed": 0, "data": {"name": "mnist", "cache_dir": str(mnist_cache)}}, 1).test_y[0] == 7  # no _target_
+    lines = []
+    synthetic = data.open_dataset("synthetic", tmp_path / "unused", seed=3, log=lines.append)
+    assert np.array_equal(synthetic.train_x, data.load("synthetic", seed=3).train_x) and not (tmp_path / "unused").exists()
+
+
 # --------------------------------------------------------------------------- synthetic and order
 
 
