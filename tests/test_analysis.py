@@ -256,6 +256,21 @@ def test_fit_recovers_known_alpha_beta(scaling):
     assert pred.loc[1024, "throughput"] == pytest.approx(gb / t1024, rel=1e-6)
 
 
+def test_a_workload_without_a_formula_is_fitted_from_the_count_its_records_carry():
+    """A workload from outside the package has no formula: its records carry the count of the model
+    it built, and the fits take the gradient size from it; series with no count at all are left out."""
+    theta = (2e-3, 25e-6, 1 / 5e9)
+    points = _synthetic_points("weak", theta, [1, 2, 4, 8]).assign(workload="tiny")
+    fits = scaling_model.fit_all(points, bootstrap=0)
+    assert len(fits) == 1 and fits[0].grad_bytes == 407_080
+    unknown = points.assign(parameters=math.nan)
+    assert scaling_model.fit_all(unknown, bootstrap=0) == [] and scaling_model.validate_all(unknown, bootstrap=0) == []
+    from scaling import comm_model
+
+    assert len(list(comm_model.series_of(points.assign(step_s=0.01)))) == 1
+    assert list(comm_model.series_of(unknown.assign(step_s=0.01))) == []
+
+
 def test_fit_with_noise_has_intervals_covering_the_truth():
     theta = (2e-3, 25e-6, 1 / 5e9)
     fit = scaling_model.fit_cell(_synthetic_points("weak", theta, [1, 2, 4, 8], repeats=4, noise=0.01), bootstrap=200)
