@@ -1,1 +1,1 @@
-"""How workers start: one process, torchrun, horovodrun, srun. Kept apart from what a worker does."""
+"""How workers start: one process, torchrun's and horovodrun's ways, TF_CONFIG, srun. Kept apart from what a worker does."""

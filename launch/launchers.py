@@ -15,6 +15,7 @@ Adding a launcher is one :func:`register` call: nothing else names launchers.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import sys
@@ -66,14 +67,40 @@ def one_process(devices: int, worker: list[str]) -> Commands:
     return [([sys.executable, *worker], {})]
 
 
+#: set to 1: start torch and Horovod ranks through the torchrun and horovodrun programs themselves
+FRAMEWORK_PROGRAMS = "SCALING_FRAMEWORK_LAUNCHERS"
+
+
+def _programs() -> bool:
+    return os.environ.get(FRAMEWORK_PROGRAMS, "") not in ("", "0")
+
+
 def torchrun(devices: int, worker: list[str]) -> Commands:
-    return [([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}",
-              "--max-restarts=0", *worker], {})]
+    """torch.distributed's ranks, each with the variables ``torchrun --standalone`` gives it (env://
+    at a free local port; ``OMP_NUM_THREADS=1`` with several ranks unless set, as torchrun does).
+    torchrun itself imports torch before it starts a rank, about 1.5 s of every cell, and its agent
+    adds as much again on the way out; with ``SCALING_FRAMEWORK_LAUNCHERS=1`` it starts them."""
+    if _programs():
+        return [([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}",
+                  "--max-restarts=0", *worker], {})]
+    port = str(free_port())
+    threads = {} if devices == 1 or "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": "1"}
+    return [([sys.executable, *worker], {
+        "RANK": str(i), "WORLD_SIZE": str(devices), "LOCAL_RANK": str(i), "LOCAL_WORLD_SIZE": str(devices),
+        "GROUP_RANK": "0", "ROLE_RANK": str(i), "ROLE_WORLD_SIZE": str(devices),
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, **threads,
+    }) for i in range(devices)]
 
 
 def horovodrun(devices: int, worker: list[str]) -> Commands:
-    exe = shutil.which("horovodrun") or "horovodrun"
-    return [([exe, "--gloo", "-np", str(devices), "-H", f"localhost:{devices}", sys.executable, *worker], {})]
+    """Horovod's gloo ranks as ``horovodrun --gloo -np N -H localhost:N`` starts them, through
+    Horovod's own rendezvous server (``horovod_gloo``), without horovodrun's check of the build,
+    which imports TensorFlow in a subprocess (about 3 s of every cell); with
+    ``SCALING_FRAMEWORK_LAUNCHERS=1`` horovodrun starts them."""
+    if _programs():
+        exe = shutil.which("horovodrun") or "horovodrun"
+        return [([exe, "--gloo", "-np", str(devices), "-H", f"localhost:{devices}", sys.executable, *worker], {})]
+    return [([sys.executable, "-m", "scaling.launch.horovod_gloo", "-np", str(devices), "--", sys.executable, *worker], {})]
 
 
 def tf_config(devices: int, worker: list[str]) -> Commands:

@@ -1,16 +1,24 @@
 """Start the workers of one run on this machine the framework's own way, watch them, and turn
 their exits into one status and one record.
 
-What starts them is the backend's launcher's ``local`` command (``launch/launchers.py``):
-``torchrun --standalone`` (torch DDP, Lightning), one process per worker with its ``TF_CONFIG``
-(TF MultiWorkerMirrored), ``horovodrun --gloo -np N -H localhost:N`` (Horovod), or one worker
-process (single-device backends, TF Mirrored over N devices).
+What starts them is the backend's launcher's ``local`` command (``launch/launchers.py``): one
+process per rank with the variables ``torchrun --standalone`` gives it (torch DDP, Lightning), one
+process per worker with its ``TF_CONFIG`` (TF MultiWorkerMirrored), Horovod's gloo ranks as
+``horovodrun --gloo -np N -H localhost:N`` starts them (``horovod_gloo``), or one worker process
+(single-device backends, TF Mirrored over N devices). ``SCALING_FRAMEWORK_LAUNCHERS=1`` runs the
+torchrun and horovodrun programs themselves instead (slower to start, the same ranks).
 
 Every worker runs ``python -m scaling.worker --config <run dir>/config.json``, announces itself
 in ``rank<r>.pid.json`` and reports in ``rank<r>.exit.json``. A rank whose process is gone without
 a report is dead: the launcher then stops every other worker (SIGTERM, then SIGKILL), so a killed
 worker ends the run in seconds rather than at a collective's timeout, and writes a ``failed``
 record naming the dead rank.
+
+The launcher also holds the cell's W&B run (``logger=wandb``): it starts it while the workers
+import and build, rank 0 waits for that start before its first step and keeps the run's history
+rows, which the launcher logs with the final record once every worker is done. W&B's start and
+finish thus stay off rank 0's path, and the cell's wall time is split into its phases
+(``scaling.cell_time``, the record's ``metrics.cell_time_s``).
 """
 from __future__ import annotations
 
@@ -29,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from scaling.launch import launchers
-from scaling import rank_clock, records, sinks
+from scaling import cell_time, rank_clock, records, sinks, tracking
 from scaling.naming import default_run_id
 from scaling.tracking import WHERE_NOTES
 
@@ -37,6 +45,9 @@ from scaling.tracking import WHERE_NOTES
 GRACE_S = 3.0
 #: after SIGTERM, how long before SIGKILL
 TERM_TIMEOUT_S = 10.0
+#: how often the launcher looks at its workers (each look costs a few stat calls); a worker whose
+#: output ends (it exited) wakes it at once
+POLL_S = 0.2
 
 
 def worker_commands(cfg: dict, config_path: Path) -> launchers.Commands:
@@ -49,6 +60,8 @@ class _Proc:
     popen: subprocess.Popen
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=60))
     reader: threading.Thread | None = None
+    #: set when the process's output ends (it exited): wakes the supervisor
+    ended: threading.Event | None = None
 
 
 #: what a quiet run still shows on the console: the study's own warnings (W&B falling back, ...),
@@ -67,6 +80,8 @@ def _pump(proc: _Proc, log, echo_all: bool = True) -> None:
         if echo_all or (line.startswith(STUDY_LINES) and not line.startswith(WHERE_NOTES)):
             sys.stderr.write(line)
             sys.stderr.flush()
+    if proc.ended is not None:
+        proc.ended.set()
 
 
 def _die_with_parent() -> None:
@@ -145,6 +160,7 @@ def launch(cfg: dict[str, Any]) -> dict:
     from scaling.config import check_results_dir
     from scaling.geometry import plan
 
+    launched = time.time()
     run_id = cfg.get("run_name") or default_run_id(cfg, plan(cfg).devices)
     cfg = {**cfg, "run_name": run_id}
     group = cfg.get("group") or "runs"
@@ -162,19 +178,27 @@ def launch(cfg: dict[str, Any]) -> dict:
 
     env = dict(os.environ, SCALING_RUN_DIR=str(run_dir), SCALING_LAUNCH_TIME=repr(time.time()),
                PYTHONUNBUFFERED="1")
+    if tracking.wanted(cfg):  # this launcher holds the cell's W&B run; rank 0 waits for its start
+        env["SCALING_TRACKER_GATE"] = str(run_dir / "tracker.ready")
     log_path = records.inside(results, group, f"{run_id}.log")
     procs: list[_Proc] = []
     failure: str | None = None
+    tracker = None
+    rank0: dict[str, Any] = {}  # rank 0's marks and history rows, from its report
     with open(log_path, "w") as log:
         try:
             for argv, extra in worker_commands(cfg, config_path):
                 popen = subprocess.Popen(argv, env=env | extra, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                          text=True, start_new_session=True, preexec_fn=_die_with_parent)
                 procs.append(_Proc(popen))
+            ended = threading.Event()
             for proc in procs:  # threads only after every fork
+                proc.ended = ended
                 proc.reader = threading.Thread(target=_pump, args=(proc, log, bool(cfg.get("progress", True))),
                                                daemon=True)
                 proc.reader.start()
+            if "SCALING_TRACKER_GATE" in env:
+                tracker = _start_tracker(cfg, run_id, group, procs, run_dir, log, bool(cfg.get("progress", True)))
             failure = _supervise(procs, run_dir)
         except BaseException:
             # workers that had all finished on their own before the interrupt made a whole run
@@ -183,19 +207,66 @@ def launch(cfg: dict[str, Any]) -> dict:
                 _stop(procs, run_dir)
                 if not finished:
                     failure = failure or "launcher interrupted"
-                _finish(cfg, run_id, group, results, run_dir, procs, failure)
+                record = _finish(cfg, run_id, group, results, run_dir, procs, failure, rank0)
+                if tracker:
+                    tracker.finish(record)
             finally:
                 shutil.rmtree(run_dir, ignore_errors=True)
                 _drop_if_empty(log_path)
             raise
         if failure:
             _stop(procs, run_dir)
+        exited = time.time()
         for proc in procs:
             if proc.reader:
                 proc.reader.join(timeout=5)
-    record = _finish(cfg, run_id, group, results, run_dir, procs, failure)
+    record = _finish(cfg, run_id, group, results, run_dir, procs, failure, rank0)
+    _note_cell_time(record, rank0, launched, exited, results)
+    if tracker:
+        tracker.log_rows(rank0.get("history") or [])
+        tracker.finish(record)  # bounded by logger.finish_timeout; never raises
+        _note_cell_time(record, rank0, launched, exited, results)  # its wall now holds W&B's finish too
     _drop_if_empty(log_path)
     return record
+
+
+def _note_cell_time(record: dict, rank0: dict, launched: float, exited: float, results: Path) -> None:
+    """Where the cell's wall time went (``scaling.cell_time``), into its record, written again."""
+    if record["metrics"] is None:
+        return
+    record["metrics"]["cell_time_s"] = cell_time.phases(rank0.get("marks") or {}, launched, exited,
+                                                        record["metrics"], closed=time.time())
+    path = record.pop("path", None)
+    records.write_record(record, results)
+    if path:
+        record["path"] = path
+
+
+def _start_tracker(cfg: dict, run_id: str, group: str, procs: list[_Proc], run_dir: Path, log,
+                   echo: bool) -> Any:
+    """The cell's W&B run, started here while the workers import and build, in this process rather
+    than on rank 0's critical path; its system metrics follow rank 0's process. Whatever happens,
+    the gate opens (``tracker.ready``) so rank 0 can take its first step."""
+    def say(line: str) -> None:
+        log.write(line + "\n")
+        log.flush()
+        if echo:
+            print(line, file=sys.stderr, flush=True)
+
+    tracker = None
+    try:
+        pid = None
+        deadline = time.monotonic() + 30
+        while pid is None and time.monotonic() < deadline and any(p.popen.poll() is None for p in procs):
+            pid = (_read_json(run_dir / "rank0.pid.json") or {}).get("pid")
+            if pid is None:
+                time.sleep(0.01)
+        tracker = tracking.make_tracker(cfg, run_id, group, stats_pid=pid, say=say)
+    except Exception as exc:  # W&B never costs a run
+        say(f"scaling: W&B could not start a run ({type(exc).__name__}: {exc}); the local record is kept")
+    finally:
+        records.write_json_atomic(run_dir / "tracker.ready", {"tracking": tracker is not None})
+    return tracker
 
 
 def _drop_if_empty(path: Path) -> None:
@@ -219,6 +290,19 @@ def _clean_leftovers(folder: Path) -> None:
         _drop_if_empty(folder / f"{run_dir.name[1:-len('.run')]}.log")
 
 
+def _wait(procs: list[_Proc], seconds: float) -> None:
+    """Sleep up to ``seconds``, less when a worker's output ends (it exited)."""
+    ended = next((p.ended for p in procs if p.ended is not None), None)
+    if ended is None:
+        time.sleep(seconds)
+    elif ended.wait(seconds):
+        ended.clear()
+        deadline = time.monotonic() + seconds  # a process outlives its closed output by a moment
+        while time.monotonic() < deadline and any(
+                p.popen.poll() is None for p in procs if p.reader is not None and not p.reader.is_alive()):
+            time.sleep(0.005)
+
+
 def _supervise(procs: list[_Proc], run_dir: Path) -> str | None:
     """Wait for the workers; the first sign of a dead or failed worker, as a message (None if none)."""
     first_dead_at = None
@@ -234,7 +318,7 @@ def _supervise(procs: list[_Proc], run_dir: Path) -> str | None:
             break
         if any(c not in (None, 0) for c in codes) and first_dead_at is None:
             first_dead_at = time.monotonic()  # a launcher failed: give the others a moment, then stop them
-        time.sleep(0.2)
+        _wait(procs, POLL_S)
     dead = dead or _dead_ranks(run_dir)
     if dead:
         return "; ".join(f"rank {d['rank']} (pid {d['pid']} on {d['host']}) died without finishing (killed or crashed)"
@@ -254,8 +338,9 @@ def ranks_in_sync(digests: list[str]) -> bool | None:
 
 
 def _finish(cfg: dict, run_id: str, group: str, results: Path, run_dir: Path, procs: list[_Proc],
-            failure: str | None) -> dict:
-    """One record for the run: rank 0's, with every rank's report added; a failed one otherwise."""
+            failure: str | None, rank0: dict) -> dict:
+    """One record for the run: rank 0's, with every rank's report added; a failed one otherwise.
+    Rank 0's marks (``scaling.cell_time``) and history rows go from its report into ``rank0``."""
     exits = sorted((e for e in map(_read_json, run_dir.glob("rank*.exit.json")) if e), key=lambda e: e["rank"])
     failed_ranks = [e for e in exits if e["status"] != "ok"]
     path = records.record_path(results, group, run_id)
@@ -271,6 +356,10 @@ def _finish(cfg: dict, run_id: str, group: str, results: Path, run_dir: Path, pr
             environment=(record or {}).get("environment") or records.capture_environment(),
             metrics=None, error=f"{error}\n--- last output ---\n{tail}")
     rank_clock.into_record(record, exits, cfg["backend"]["name"])  # waiting for the slowest rank
+    for e in exits:
+        if e.get("rank") == 0:
+            rank0.update(marks=e.pop("marks", None), history=e.pop("history", None))
+        e.pop("history", None)
     record["ranks"] = exits
     digests = [tuple(e.get("param_digests") or ()) for e in exits]
     if record["metrics"] is not None and digests and all(digests):

@@ -203,6 +203,8 @@ def tidy(records: Iterable[dict], paths: Iterable[Path] | None = None) -> pd.Dat
             "data": _get(cfg, "data", "name", default="?"),
             "scaling": cfg.get("scaling", "weak"),
             "variant": str(cfg.get("variant") or "defaults"),
+            # a backend with no tuned settings runs the same in both variants (its defaults cells stand for it)
+            "tunable": bool(_get(cfg, "backend", "tuned", default=None)),
             "overrides": (match.group(1) or "") if match else "",
             "devices_per_node": devices,
             "nodes": nodes,
@@ -286,6 +288,7 @@ def aggregate(cells: pd.DataFrame) -> pd.DataFrame:
         "startup_s": g["startup_s"].median(),
         "accelerator": g["accelerator"].agg(lambda s: "gpu" if (s == "gpu").any() else "cpu"),
         "conditions": g["conditions"].agg(lambda s: " | ".join(sorted(set(s)))),
+        "tunable": g["tunable"].any() if "tunable" in ok else False,
     })
     agg = agg.join(failed, how="left")
     agg["failed"] = agg["failed"].fillna(0).astype(int)
@@ -307,12 +310,24 @@ def aggregate(cells: pd.DataFrame) -> pd.DataFrame:
     return agg.sort_values(keys, kind="stable").reset_index(drop=True)
 
 
+def untuned_in_every_variant(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` plus, for every variant other than ``defaults`` present, the defaults rows of
+    backends with no tuned settings (the plain loops, torch_reference): they run the same in every
+    variant, so they stand as baselines of the tuned study too (``variant=tuned`` is no valid cell
+    for them)."""
+    if "tunable" not in rows or rows.empty:
+        return rows
+    plain = rows[(rows["variant"] == "defaults") & ~rows["tunable"].astype(bool)]
+    extra = [plain.assign(variant=v) for v in rows["variant"].unique() if v != "defaults"]
+    return pd.concat([rows, *extra], ignore_index=True) if extra else rows
+
+
 def _framework_best(agg: pd.DataFrame) -> pd.DataFrame:
     """Each cell's efficiency against the best single-device cell of its framework in its study
     (``metrics.best_single_device``), with that cell's name and samples/s beside it."""
     several = agg.groupby(STUDY_KEYS + ["backend"], dropna=False)["settings"].transform("nunique") > 1
     label = [f"{b} [{s}]" if many and s else b for b, s, many in zip(agg["backend"], agg["settings"], several)]
-    ones = agg.assign(label=label)[agg["N"] == 1]
+    ones = untuned_in_every_variant(agg.assign(label=label)[agg["N"] == 1])
     best = {key: metrics.best_single_device(dict(zip(g["label"], g["throughput"])))
             for key, g in ones.groupby(STUDY_KEYS + ["framework"], dropna=False)}
     found = [best.get(tuple(r), (None, math.nan)) for r in agg[STUDY_KEYS + ["framework"]].itertuples(index=False)]

@@ -160,6 +160,9 @@ def validate(cfg: dict) -> None:
 
     if (cfg.get("variant") or "defaults") not in VARIANTS:
         raise ConfigError(f"variant={cfg.get('variant')!r}: must be one of {', '.join(VARIANTS)}")
+    if cfg.get("variant") == "tuned" and not cfg["backend"].get("tuned"):
+        raise ConfigError(f"variant=tuned: backend={cfg['backend']['name']} has no tuned settings (no tuned: block in "
+                          "its YAML), so its defaults cells stand for it in both variants. Fix: variant=defaults")
     from scaling.placement import PLACEMENTS
 
     if (cfg.get("placement") or "core") not in PLACEMENTS:

@@ -120,8 +120,12 @@ def reference_step(ok: pd.DataFrame, key: dict[str, Any], reference: str) -> flo
     its own fast-mode settings, whatever the compared backend's."""
     same = ok["backend"] == reference
     for c in analysis.STUDY_KEYS + ["N", "layout"]:
-        same &= ok[c] == key[c]
-    return float(ok.loc[same, "step_s"].median()) if same.any() else math.nan
+        if c != "variant":
+            same &= ok[c] == key[c]
+    mine = same & (ok["variant"] == key["variant"])
+    if not mine.any() and "tunable" in ok:  # a reference with no tuned settings: its defaults cells stand
+        mine = same & (ok["variant"] == "defaults") & ~ok["tunable"].astype(bool)
+    return float(ok.loc[mine, "step_s"].median()) if mine.any() else math.nan
 
 
 def for_results(results_dir: Any, loaded: analysis.Loaded, cells: pd.DataFrame) -> pd.DataFrame:

@@ -96,6 +96,7 @@ RECORD_SCHEMA: dict[str, Any] = {
                         "peak_host_rss_bytes": {"type": "integer"},
                         "peak_device_memory_bytes": {"type": ["integer", "null"]},
                         "rank_clock": {"type": "object"},  # optional: scaling.rank_clock.merge
+                        "cell_time_s": {"type": ["object", "null"]},  # optional: scaling.cell_time.phases
                     },
                 },
                 COMM_METRICS,

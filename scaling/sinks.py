@@ -24,17 +24,23 @@ from scaling.secrets import scrub_secrets
 
 
 def deliver(record: dict, *, rank: int, results_dir: str | Path, summary: dict | None = None,
-            tracker: Any = None) -> dict:
+            tracker: Any = None, marks: dict | None = None) -> dict:
     """Scrub ``record`` and hand it to its sinks (the module's list); returns the public record, with
     ``path`` on rank 0. ``summary``: what this rank adds to its launcher report (parameter digests);
-    ``tracker``: rank 0's W&B run (``scaling.tracking.WandbTracker``) or None."""
+    ``tracker``: rank 0's W&B run (``scaling.tracking.WandbTracker``) or None; ``marks``: rank 0's
+    moments (``scaling.cell_time.Marks``), reported again once the record and W&B are done."""
     record, summary = scrub_secrets((record, summary or {}))  # one pass: a secret named in either goes in both
     report_to_launcher(rank, record, summary)
     if rank == 0:
         record["path"] = str(records.write_record(record, results_dir))
         save_config(record, results_dir)
+    if marks is not None:
+        marks.mark("recorded")
     if tracker:
         tracker.finish(record)  # bounded by logger.finish_timeout; never raises
+    if marks is not None:
+        marks.mark("finished")
+        report_to_launcher(rank, record, {**summary, "marks": dict(marks)})
     return record
 
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scaling import records
+from scaling import cell_time, records
 from scaling.invalid_cells import note_invalid
 from scaling.naming import cell_id
 
@@ -72,7 +72,8 @@ def run_cell(cfg: dict[str, Any], task_overrides: list[str], job_num: int) -> di
     took = time.monotonic() - t0
     clock = _elapsed_and_eta(job_num + 1)
     if record["status"] == "ok":
-        print(f"{tag}: ok, {headline(record)} ({took:.1f} s){clock}", file=sys.stderr, flush=True)
+        cost = cell_time.line(record["metrics"].get("cell_time_s")) or f"{took:.1f} s"
+        print(f"{tag}: ok, {headline(record)} ({cost}){clock}", file=sys.stderr, flush=True)
     else:
         print(f"{tag}: FAILED ({took:.1f} s): {record['error'].splitlines()[0]}{clock}", file=sys.stderr, flush=True)
     return record

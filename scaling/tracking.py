@@ -29,7 +29,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from scaling import records
 from scaling.config import runs_on
@@ -106,6 +106,7 @@ def _init(lcfg: dict, mode: str, results_dir: str | Path, tags: list[str] | None
     join the logger config's own."""
     import wandb
 
+    stats_pid = kwargs.pop("stats_pid", None)
     settings = wandb.Settings(
         init_timeout=float(lcfg.get("init_timeout", 10)),
         finish_timeout=float(lcfg.get("finish_timeout", 60)),
@@ -115,6 +116,7 @@ def _init(lcfg: dict, mode: str, results_dir: str | Path, tags: list[str] | None
         disable_git=True,
         save_code=False,
         x_save_requirements=False,
+        **({"x_stats_pid": int(stats_pid)} if stats_pid else {}),
     )
     with _scrubbed_argv():
         return wandb.init(project=lcfg.get("project") or "scaling", entity=lcfg.get("entity") or None,
@@ -181,6 +183,35 @@ HISTORY_KEYS = {"step_time_s": "perf/step_time_s", "samples_per_s": "perf/sample
 HISTORY_ONLY = ("train_loss",)
 
 
+def history_row(step: int, values: dict[str, float]) -> dict:
+    """A W&B history row of the protocol's periodic figures (``Observer.logged``)."""
+    return {"step": step, **{HISTORY_KEYS.get(k, k): v for k, v in values.items()}}
+
+
+def evaluation_row(step: int, epoch: int, loss: float, accuracy: float) -> dict:
+    """A W&B history row of an epoch's test result (``Observer.evaluated``)."""
+    return {"step": step, "epoch": epoch, "test/accuracy": float(accuracy), "test/loss": float(loss)}
+
+
+class History(Observer):
+    """The history rows a cell's W&B run gets, kept in rank 0's memory when the launcher holds the
+    run (``scaling.launch.local``): the launcher logs them once the workers are done."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self._steps = 0
+
+    def advance(self, steps: int) -> None:
+        self._steps += steps
+
+    def logged(self, step: int, values: dict[str, float]) -> None:
+        self._steps = step
+        self.rows.append(history_row(step, values))
+
+    def evaluated(self, epoch: int, loss: float, accuracy: float) -> None:
+        self.rows.append(evaluation_row(self._steps, epoch, loss, accuracy))
+
+
 class WandbTracker(Observer):
     """Rank 0's W&B run for one cell; a protocol observer, finished with the run's record."""
 
@@ -224,11 +255,15 @@ class WandbTracker(Observer):
 
     def logged(self, step: int, values: dict[str, float]) -> None:
         self._steps = step
-        self._call(self.run.log, {"step": step, **{HISTORY_KEYS.get(k, k): v for k, v in values.items()}})
+        self._call(self.run.log, history_row(step, values))
 
     def evaluated(self, epoch: int, loss: float, accuracy: float) -> None:
-        self._call(self.run.log, {"step": self._steps, "epoch": epoch, "test/accuracy": float(accuracy),
-                                  "test/loss": float(loss)})
+        self._call(self.run.log, evaluation_row(self._steps, epoch, loss, accuracy))
+
+    def log_rows(self, rows: list[dict]) -> None:
+        """Log history rows kept by a :class:`History` (a run the launcher tracks)."""
+        for row in rows:
+            self._call(self.run.log, row)
 
     def finish(self, record: dict) -> None:
         """Put every figure of ``record`` and its status into the summary, then finish the run
@@ -253,15 +288,25 @@ class WandbTracker(Observer):
             self._off = True
 
 
-def make_tracker(cfg: dict, run_id: str, group: str) -> WandbTracker | None:
-    """The cell's W&B run (rank 0 calls this), or None when ``logger`` is not wandb or W&B fails."""
+def make_tracker(cfg: dict, run_id: str, group: str, *, stats_pid: int | None = None,
+                 say: Callable[[str], None] | None = None) -> WandbTracker | None:
+    """The cell's W&B run, or None when ``logger`` is not wandb or W&B fails. Rank 0 calls this, or
+    the local launcher while the workers start (``stats_pid``: rank 0's process, whose resources
+    the system metrics follow; ``say``: where the note on the run's whereabouts goes)."""
     config = scrub_secrets({**cfg, "environment": records.capture_environment()})
-    run = start_run(cfg, group=group, job_type=cfg["backend"]["name"], name=run_id, config=config, tags=run_tags(cfg))
+    run = start_run(cfg, group=group, job_type=cfg["backend"]["name"], name=run_id, config=config, tags=run_tags(cfg),
+                    stats_pid=stats_pid)
     if run is None:
         return None
     tracker = WandbTracker(run)
-    _say_where(run, tracker.run_dir)
+    _say_where(run, tracker.run_dir, say)
     return tracker
+
+
+def wanted(cfg: dict) -> bool:
+    """Whether ``cfg`` asks for a W&B run (its logger is wandb, not disabled)."""
+    lcfg = cfg.get("logger") or {}
+    return lcfg.get("name", "none") == "wandb" and str(lcfg.get("mode") or "auto") != "disabled"
 
 
 def run_tags(cfg: dict) -> list[str]:
@@ -278,12 +323,15 @@ WHERE_NOTE = "scaling: W&B "
 WHERE_NOTES = (f"{WHERE_NOTE}offline run ", f"{WHERE_NOTE}run ")
 
 
-def _say_where(run: Any, run_dir: Path | None) -> None:
+def _say_where(run: Any, run_dir: Path | None, say: Callable[[str], None] | None = None) -> None:
     try:
         where = f"offline run {run_dir} (upload: wandb sync {run_dir})" if run.offline else f"run {run.url}"
     except Exception:
         where = f"run {run_dir}"
-    print(f"{WHERE_NOTE}{where}", file=sys.stderr, flush=True)
+    if say is not None:
+        say(f"{WHERE_NOTE}{where}")
+    else:
+        print(f"{WHERE_NOTE}{where}", file=sys.stderr, flush=True)
 
 
 # -- one run per comm cell --------------------------------------------------------------------

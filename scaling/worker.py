@@ -3,19 +3,23 @@ the protocol, then build the run's record once and hand it to its sinks (``scali
 launcher's report, and on rank 0 the JSON record, the config beside it and W&B)."""
 from __future__ import annotations
 
+import time
+
+LOADED = time.time()  # this worker's first moment (scaling.cell_time)
+
 import os
 import signal
 import socket
-import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 from scaling.launch import slurm_env
+from scaling.cell_time import Marks
 from scaling import config as config_mod
 from scaling import records, settings, sinks, tracking
 from scaling.naming import default_run_id
-from scaling.process import announce, die_with_parent, rank_info
+from scaling.process import announce, die_with_parent, leave, rank_info
 from scaling.placement import Placement
 from scaling.progress import Progress
 from scaling.protocol import Measurement, ProtocolConfig, drive, process_start_time
@@ -36,6 +40,7 @@ def run(cfg: dict[str, Any]) -> dict:
 
     Raises ConfigError before anything is loaded when the config cannot run (no record then).
     """
+    marks = Marks(python=LOADED, entry=time.time())  # where the cell's time goes
     config_mod.validate(cfg)
     from scaling.workloads import parameters
 
@@ -63,9 +68,11 @@ def run(cfg: dict[str, Any]) -> dict:
         from scaling.geometry import plan
 
         dataset = _dataset(cfg, rank)
+        marks.mark("data")
         ctx = RunContext(config=cfg, dataset=dataset, geometry=plan(cfg), rank=rank, world_size=world,
                          local_rank=local_rank, local_world_size=local_world)
         backend = build(cfg["backend"], ctx)
+        marks.mark("built")
         placer.settle()  # the framework's threads exist now
         announce(phase="training")
         # a backend that starts its own processes (Lightning) knows the rank only now
@@ -73,6 +80,7 @@ def run(cfg: dict[str, Any]) -> dict:
         run_id = run_id or default_run_id(cfg, ctx.geometry.devices)
         progress = _progress(cfg, backend, run_id, pcfg) if rank == 0 else None
         tracker, tracker_start_s = _start_tracker(cfg, run_id, group) if rank == 0 else (None, None)
+        marks.mark("tracker")
         clock = RankClock(pcfg.warmup_steps)  # per-rank step timestamps: waiting for the slowest rank
         clock.attach(backend)
         meter = Measurement(pcfg, global_batch=ctx.geometry.global_batch, devices=ctx.geometry.devices,
@@ -80,6 +88,9 @@ def run(cfg: dict[str, Any]) -> dict:
                             observers=[o for o in (progress, tracker, placer, clock) if o],
                             events=getattr(backend, "step_events", lambda: None)())
         drive(backend, meter, int(cfg["train"]["epochs"]), cfg["train"].get("max_steps_per_epoch"))
+        marks.mark("trained")
+        if meter.train_start_wall() is not None:
+            marks.mark("first_step", meter.train_start_wall())
         metrics, error = _figures(meter, backend, ctx.geometry, process_start, tracker_start_s, rank)
         digest = getattr(backend, "param_digests", None)
         rank_summary["param_digests"] = digest() if digest else None
@@ -94,10 +105,12 @@ def run(cfg: dict[str, Any]) -> dict:
     finally:
         if progress:
             progress.close()
+        if isinstance(tracker, tracking.History):  # the launcher logs them into its W&B run
+            rank_summary["history"], tracker = tracker.rows, None
         record = build_record(cfg, run_id or default_run_id(cfg, world), group, backend, placer, metrics, error,
                               rank=rank, world=world, pinned=pinned, interruption=interruption)
         record = sinks.deliver(record, rank=rank, results_dir=cfg["results_dir"], summary=rank_summary,
-                               tracker=tracker)
+                               tracker=tracker, marks=marks if rank == 0 else None)
     return record
 
 
@@ -128,8 +141,20 @@ def _progress(cfg: dict, backend: Any, run_id: str, pcfg: ProtocolConfig) -> Pro
 
 
 def _start_tracker(cfg: dict, run_id: str, group: str) -> tuple[Any, float | None]:
-    """Rank 0's W&B run (None unless logger=wandb) and the seconds its start took (None without one)."""
+    """Rank 0's W&B run (None unless logger=wandb) and the seconds its start took (None without one).
+
+    When the local launcher holds the cell's W&B run (it starts it while the workers start, and
+    sets ``SCALING_TRACKER_GATE``), rank 0 keeps the run's history rows instead
+    (``tracking.History``, handed over in its report) and waits for the launcher's run to have
+    started, so W&B's start never overlaps a timed step: the seconds are that wait's."""
     t0 = time.time()
+    gate = os.environ.get("SCALING_TRACKER_GATE")
+    if gate and tracking.wanted(cfg):
+        lcfg = cfg.get("logger") or {}
+        deadline = time.monotonic() + 2 * float(lcfg.get("init_timeout", 10)) + 30
+        while not Path(gate).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return tracking.History(), time.time() - t0
     tracker = tracking.make_tracker(cfg, run_id, group)
     return tracker, (time.time() - t0 if tracker else None)
 
@@ -259,7 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     announce()
     record = run(cfg)
-    return 0 if record["status"] == "ok" else 1
+    code = 0 if record["status"] == "ok" else 1
+    if code == 0:
+        leave(code)  # every rank has reported: no interpreter teardown (scaling.process.leave)
+    return code
 
 
 if __name__ == "__main__":

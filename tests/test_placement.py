@@ -76,6 +76,10 @@ def test_variant_selects_the_tuned_block_and_unknown_values_are_refused(mnist_ca
         hvd = plain("backend=horovod_torch", "variant=tuned")
         assert float(settings.in_force(hvd)["environment"]["HOROVOD_CYCLE_TIME"]) < 1
         assert settings.in_force(plain("backend=tf_multiworker", "variant=tuned"))["implementation"] == "RING"
+        # the plain loop has no tuned settings: its defaults cells stand for it in both variants
+        with pytest.raises(ConfigError, match="backend=torch has no tuned settings"):
+            validate(plain("backend=torch", "variant=tuned"))
+        validate(plain("backend=torch_ddp", "variant=tuned"))
         for bad in (("variant=best",), ("placement=everywhere",)):
             with pytest.raises(ConfigError):
                 validate(plain("backend=torch_ddp", *bad))

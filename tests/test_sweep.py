@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from scaling import records
+from scaling import cell_time, records
 from scaling.sweep import cell_id
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +69,13 @@ def test_sweep_runs_skips_and_reruns_only_missing_cells(tmp_path):
     assert "1 grid cells skipped as invalid for their backend" in (tmp_path / "report" / "index.html").read_text()
     assert "sweep s: 3 runs (0 failed)" in first.stderr  # the closing table: medians, speedup, efficiency
     assert "cell 1/4 " in first.stderr and " elapsed, ~" in first.stderr  # progress: cell k of n, ETA
+    assert first.stderr.count(" s fixed) | ") == 3  # each cell's wall time and its fixed part
+    for run_id in done:  # where each cell's wall time went: phases that add up to it (scaling.cell_time)
+        m = records.load_record(tmp_path / "s" / f"{run_id}.json")["metrics"]
+        t = m["cell_time_s"]
+        assert sum(t[p] for p in cell_time.PHASES) == pytest.approx(t["wall"])
+        assert t["training"] >= m["train_time_s"] and t["fixed"] == pytest.approx(
+            t["wall"] - m["train_time_s"] - sum(m["eval_time_s"]))
     table = first.stderr[first.stderr.index("sweep s: 3 runs"):]
     assert "speedup" in table and "efficiency" in table and "2x1" in table
     again = sweep(tmp_path, *args)

@@ -245,3 +245,16 @@ def test_efficiency_against_the_best_single_device_of_the_framework():
     tf = rows[("tf_multiworker", "2x1")]
     assert tf["framework_best"] == "tf_multiworker"
     assert tf["efficiency_vs_framework_best"] == pytest.approx(tf["efficiency"]) == pytest.approx(185 / 102.5 / 2)
+
+
+def test_a_backend_with_no_tuned_settings_is_the_baseline_of_both_variants():
+    """The plain loop has no tuned: block (variant=tuned is no valid cell for it, tests/test_placement.py):
+    its defaults cells are the framework's best single device in the tuned study too."""
+    plain = _record("torch", "torch", 1, 1, 0, 300.0)
+    tuned = [_record("torch_ddp", "torch", n, 1, 0, thr, variant="tuned") for n, thr in ((1, 250.0), (2, 400.0))]
+    for rec in tuned:
+        rec["config"]["backend"]["tuned"] = {"static_graph": True}
+    agg = analysis.aggregate(analysis.tidy([plain, *tuned]))
+    two = agg[(agg["backend"] == "torch_ddp") & (agg["N"] == 2)].iloc[0]
+    assert two["variant"] == "tuned" and two["framework_best"] == "torch"
+    assert two["efficiency_vs_framework_best"] == pytest.approx(400.0 / 2 / 300.0)
