@@ -178,7 +178,8 @@ def launch(cfg: dict[str, Any]) -> dict:
 
     env = dict(os.environ, SCALING_RUN_DIR=str(run_dir), SCALING_LAUNCH_TIME=repr(time.time()),
                PYTHONUNBUFFERED="1")
-    if tracking.wanted(cfg):  # this launcher holds the cell's W&B run; rank 0 waits for its start
+    if tracking.wanted(cfg) and not cfg.get("comm"):  # this launcher holds the training cell's W&B run
+        # (a comm cell logs its own once measured); rank 0 waits for its start
         env["SCALING_TRACKER_GATE"] = str(run_dir / "tracker.ready")
     log_path = records.inside(results, group, f"{run_id}.log")
     procs: list[_Proc] = []
