@@ -16,8 +16,9 @@ record naming the dead rank.
 
 The launcher also holds the cell's W&B run (``logger=wandb``): it starts it while the workers
 import and build, rank 0 waits for that start before its first step and keeps the run's history
-rows, which the launcher logs with the final record once every worker is done. W&B's start and
-finish thus stay off rank 0's path, and the cell's wall time is split into its phases
+rows, which the launcher logs with the final record once every worker is done, finishing the run
+in the background while the next cell's workers start (the next run starts only after it). W&B's
+start and finish thus stay off rank 0's path, and the cell's wall time is split into its phases
 (``scaling.cell_time``, the record's ``metrics.cell_time_s``).
 """
 from __future__ import annotations
@@ -84,16 +85,26 @@ def _pump(proc: _Proc, log, echo_all: bool = True) -> None:
         proc.ended.set()
 
 
+def _resolve_prctl():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+#: resolved here, in the parent: the child between fork and exec only calls it (this process runs
+#: threads, W&B's among them, so the child must not import or load anything there)
+_PRCTL = _resolve_prctl()
+
+
 def _die_with_parent() -> None:
     """In the child before exec: SIGKILL it when this launcher dies, however it dies (torchrun and
     horovodrun do not stop their workers when their parent is SIGKILLed; the workers then follow
     their own parent, see scaling.process.die_with_parent)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _alive(pid: int) -> bool:
@@ -224,11 +235,33 @@ def launch(cfg: dict[str, Any]) -> dict:
     record = _finish(cfg, run_id, group, results, run_dir, procs, failure, rank0)
     _note_cell_time(record, rank0, launched, exited, results)
     if tracker:
-        tracker.log_rows(rank0.get("history") or [])
-        tracker.finish(record)  # bounded by logger.finish_timeout; never raises
-        _note_cell_time(record, rank0, launched, exited, results)  # its wall now holds W&B's finish too
+        _finish_tracker(tracker, rank0.get("history") or [], json.loads(json.dumps(record)))
     _drop_if_empty(log_path)
     return record
+
+
+#: W&B runs finishing in the background (at most one: the last cell's)
+_FINISHING: list[threading.Thread] = []
+
+
+def _finish_tracker(tracker: Any, history: list[dict], record: dict) -> None:
+    """Log the history rows and the final record into the cell's W&B run and finish it, in a thread:
+    the next cell's workers start meanwhile, and its W&B run starts only once this one is done
+    (``settle_trackers``), before that cell's rank 0 may take its first step, so a finishing run
+    never overlaps a timed step. The process waits for it before it exits."""
+    def finish() -> None:
+        tracker.log_rows(history)
+        tracker.finish(record)  # bounded by logger.finish_timeout; never raises
+
+    thread = threading.Thread(target=finish, name="scaling-wandb-finish")
+    thread.start()
+    _FINISHING.append(thread)
+
+
+def settle_trackers() -> None:
+    """Wait until every W&B run this process holds has finished."""
+    while _FINISHING:
+        _FINISHING.pop(0).join()
 
 
 def _note_cell_time(record: dict, rank0: dict, launched: float, exited: float, results: Path) -> None:
@@ -256,6 +289,7 @@ def _start_tracker(cfg: dict, run_id: str, group: str, procs: list[_Proc], run_d
 
     tracker = None
     try:
+        settle_trackers()  # the previous cell's run first: one W&B run at a time, none during timed steps
         pid = None
         deadline = time.monotonic() + 30
         while pid is None and time.monotonic() < deadline and any(p.popen.poll() is None for p in procs):

@@ -20,7 +20,8 @@ the cell's wall time. The record keeps them as ``metrics.cell_time_s``::
     record          the record built and written
     tracker_finish  rank 0's own W&B run finished (none where the launcher holds the run)
     exit            rank 0's last mark to every worker gone
-    closing         the launcher's reports merged, the record written, its W&B run finished
+    closing         the launcher's reports merged and the record written (the launcher's W&B run
+                    finishes in the background while the next cell starts, so it is in no wall)
 
 Only a cell started by the local launcher has them (a run inside ``scaling run``'s own process or a
 Slurm task has no launcher to see it exit). Pure Python, no framework import.

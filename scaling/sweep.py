@@ -217,6 +217,9 @@ class SweepSummary(Callback):
             PROGRESS.clear()
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        from scaling.launch.local import settle_trackers
+
+        settle_trackers()  # the last cell's W&B run
         summary_table(config.results_dir, config.get("sweep_id") or "adhoc")
         if os.environ.get("SCALING_SWEEP_PART"):
             return  # one geometry group of a Slurm study: the study's dashboard is built over all groups
