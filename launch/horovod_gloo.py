@@ -76,8 +76,6 @@ def run(np_: int, command: list[str]) -> int:
     except KeyboardInterrupt:
         _stop(procs)
         return 130
-    finally:
-        server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,8 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if args.np < 1 or not command:
         ap.error("need -np >= 1 and a command after --")
-    return run(args.np, command)
+    code = run(args.np, command)
+    # every rank is gone: leave without stopping the rendezvous server's HTTP thread (its shutdown
+    # polls for half a second), as the ranks leave without their teardown
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
