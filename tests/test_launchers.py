@@ -147,3 +147,35 @@ def test_no_module_but_the_table_names_a_launcher():
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
     assert not found, "launcher names outside the table:\n" + "\n".join(found)
+
+
+def test_torch_and_horovod_ranks_get_what_torchrun_and_horovodrun_would_give_them(monkeypatch):
+    """Locally the launcher starts torch ranks itself with torchrun --standalone's variables and
+    Horovod ranks through Horovod's own rendezvous (launch/horovod_gloo.py);
+    SCALING_FRAMEWORK_LAUNCHERS=1 runs the programs instead."""
+    worker = ["-m", "scaling.worker", "--config", "c.json"]
+    monkeypatch.delenv(launchers.FRAMEWORK_PROGRAMS, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    ranks = launchers.torchrun(2, worker)
+    assert [argv for argv, _ in ranks] == [[sys.executable, *worker]] * 2
+    envs = [env for _, env in ranks]
+    assert [e["RANK"] for e in envs] == ["0", "1"] and [e["LOCAL_RANK"] for e in envs] == ["0", "1"]
+    assert {e["WORLD_SIZE"] for e in envs} == {e["LOCAL_WORLD_SIZE"] for e in envs} == {"2"}
+    assert len({e["MASTER_PORT"] for e in envs}) == 1 and {e["MASTER_ADDR"] for e in envs} == {"127.0.0.1"}
+    assert {e["OMP_NUM_THREADS"] for e in envs} == {"1"}  # as torchrun sets it for several ranks
+    assert "OMP_NUM_THREADS" not in launchers.torchrun(1, worker)[0][1]
+    [(argv, env)] = launchers.horovodrun(2, worker)
+    assert argv[:5] == [sys.executable, "-m", "scaling.launch.horovod_gloo", "-np", "2"] and env == {}
+    from scaling.launch import horovod_gloo
+
+    slot = type("Slot", (), dict(hostname="localhost", rank=1, size=2, local_rank=1, local_size=2,
+                                 cross_rank=0, cross_size=1))()
+    pytest.importorskip("horovod")
+    env = horovod_gloo.rank_env(slot, 4242)
+    assert env["HOROVOD_RANK"] == "1" and env["HOROVOD_SIZE"] == "2" and env["HOROVOD_GLOO_RENDEZVOUS_PORT"] == "4242"
+    assert env["HOROVOD_CONTROLLER"] == env["HOROVOD_CPU_OPERATIONS"] == "gloo"
+    monkeypatch.setenv(launchers.FRAMEWORK_PROGRAMS, "1")
+    [(argv, _)] = launchers.torchrun(2, worker)
+    assert argv[1:3] == ["-m", "torch.distributed.run"] and "--nproc-per-node=2" in argv
+    [(argv, _)] = launchers.horovodrun(2, worker)
+    assert "--gloo" in argv and argv[argv.index("-np") + 1] == "2"
