@@ -1,18 +1,12 @@
 """A backend is a module and a YAML, nothing else: one added from a temporary folder (its module on
 PYTHONPATH, its YAML on Hydra's search path) runs as a 2-worker local cell with no file of the
 project touched, built from its YAML's arguments and launched by its ``runs_on`` facts."""
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from conftest import run_plugin_cell
 
-from scaling import records
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.multiprocess
 
 MODULE = '''
@@ -65,17 +59,8 @@ def test_a_backend_from_a_module_and_a_yaml_runs_a_two_worker_cell(tmp_path, mni
     (tmp_path / "plugin" / "plugin_backend.py").write_text(textwrap.dedent(MODULE))
     (tmp_path / "conf" / "backend").mkdir(parents=True)
     (tmp_path / "conf" / "backend" / "plugin_ddp.yaml").write_text(textwrap.dedent(YAML))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "plugin"), os.environ.get("PYTHONPATH", "")]))
-    results = tmp_path / "results"
-    cmd = [sys.executable, "-m", "scaling", "run", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
-           "backend=plugin_ddp", "devices=2", "train.epochs=2", "train.max_steps_per_epoch=15",
-           "protocol.warmup_steps=5", f"results_dir={results}", "progress=false", "logger=none", "run_name=plugin"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    path = results / "runs" / "plugin.json"
-    assert path.exists(), proc.stderr[-3000:]
-    rec = json.loads(path.read_text())
-    records.validate(rec)
-    assert proc.returncode == 0 and rec["status"] == "ok", (rec["error"] or "") + proc.stderr[-2000:]
+    _, rec = run_plugin_cell(tmp_path / "plugin", tmp_path / "conf", tmp_path / "results", "backend=plugin_ddp",
+                             "devices=2", "train.epochs=2", "train.max_steps_per_epoch=15", "protocol.warmup_steps=5")
     # built from the YAML's arguments, launched as its runs_on says (torchrun: one process per device)
     assert rec["environment"]["plugin_marker"] == "from-the-yaml" and rec["environment"]["process_group"] == "gloo"
     assert rec["config"]["backend"]["runs_on"] == {"framework": "torch", "launcher": "torchrun"}

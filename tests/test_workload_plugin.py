@@ -2,18 +2,12 @@
 ``build.torch``) and a dataset function (its YAML's ``_target_``) added from a temporary folder
 (modules on PYTHONPATH, YAMLs on Hydra's search path) train as a cell of an existing backend with
 no file of the project touched; the record carries the parameter count of the model it built."""
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from conftest import run_plugin_cell
 
-from scaling import records
 
-ROOT = Path(__file__).resolve().parent.parent
 
 WORKLOAD = '''
 """A two-layer network of any width (a workload from outside the package)."""
@@ -77,18 +71,9 @@ def test_a_workload_and_a_dataset_from_modules_and_yamls_train_a_cell(tmp_path):
     for group, text in (("workload", WORKLOAD_YAML), ("data", DATA_YAML)):
         (conf / group).mkdir(parents=True)
         (conf / group / f"plugin_{group}.yaml").write_text(textwrap.dedent(text))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(plugin), os.environ.get("PYTHONPATH", "")]))
-    results = tmp_path / "results"
-    cmd = [sys.executable, "-m", "scaling", "run", f"hydra.searchpath=[file://{conf}]", "backend=torch",
-           "workload=plugin_workload", "data=plugin_data", "devices=1", "device=cpu", "train.epochs=2",
-           "train.max_steps_per_epoch=15", "protocol.warmup_steps=5", f"results_dir={results}", "progress=false",
-           "logger=none", "run_name=plugin"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    path = results / "runs" / "plugin.json"
-    assert path.exists(), proc.stderr[-3000:]
-    rec = json.loads(path.read_text())
-    records.validate(rec)
-    assert proc.returncode == 0 and rec["status"] == "ok", (rec["error"] or "") + proc.stderr[-2000:]
+    proc, rec = run_plugin_cell(plugin, conf, tmp_path / "results", "backend=torch", "workload=plugin_workload",
+                                "data=plugin_data", "devices=1", "device=cpu", "train.epochs=2",
+                                "train.max_steps_per_epoch=15", "protocol.warmup_steps=5", timeout=300)
     width = 16
     assert rec["config"]["workload"]["parameters"] == 28 * 28 * width + width + width * 10 + 10  # the model's count
     assert rec["config"]["workload"]["build"] == {"torch": {"_target_": "plugin_workload.TinyNet"}}
