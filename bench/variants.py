@@ -26,13 +26,11 @@ def main() -> None:
     loaded = analysis.load(args.results_dir)
     cells = analysis.tidy(loaded.records, loaded.paths)
     cells = cells[cells["sweep"] == args.sweep]
-    agg = analysis.aggregate(cells)
+    agg = analysis.untuned_in_every_variant(analysis.aggregate(cells))  # no tuned settings: defaults stand
     where = decomposition.for_results(args.results_dir, loaded, cells)
 
     def thr(backend: str, n: int, variant: str) -> float:
         row = agg[(agg["backend"] == backend) & (agg["N"] == n) & (agg["variant"] == variant)]
-        if row.empty and variant != "defaults" and not agg[(agg["backend"] == backend)]["tunable"].any():
-            return thr(backend, n, "defaults")  # no tuned settings: the same cells in both variants
         return float(row["throughput"].iloc[0]) if len(row) else math.nan
 
     plain = {"torch": thr("torch", 1, "defaults"), "tf": thr("tf", 1, "defaults")}

@@ -310,15 +310,16 @@ def aggregate(cells: pd.DataFrame) -> pd.DataFrame:
     return agg.sort_values(keys, kind="stable").reset_index(drop=True)
 
 
-def untuned_in_every_variant(rows: pd.DataFrame) -> pd.DataFrame:
-    """``rows`` plus, for every variant other than ``defaults`` present, the defaults rows of
+def untuned_in_every_variant(rows: pd.DataFrame, variants: Any = None) -> pd.DataFrame:
+    """``rows`` plus, for every variant other than ``defaults`` present (or in ``variants``), the defaults rows of
     backends with no tuned settings (the plain loops, torch_reference): they run the same in every
     variant, so they stand as baselines of the tuned study too (``variant=tuned`` is no valid cell
     for them)."""
     if "tunable" not in rows or rows.empty:
         return rows
     plain = rows[(rows["variant"] == "defaults") & ~rows["tunable"].astype(bool)]
-    extra = [plain.assign(variant=v) for v in rows["variant"].unique() if v != "defaults"]
+    wanted = rows["variant"].unique() if variants is None else variants
+    extra = [plain.assign(variant=v) for v in wanted if v != "defaults"]
     return pd.concat([rows, *extra], ignore_index=True) if extra else rows
 
 

@@ -118,14 +118,12 @@ def table(cells: pd.DataFrame, comm_rows: pd.DataFrame, clocks: dict[str, dict],
 def reference_step(ok: pd.DataFrame, key: dict[str, Any], reference: str) -> float:
     """The reference loop's step (median over repeats) in the same study, at the same N and layout;
     its own fast-mode settings, whatever the compared backend's."""
-    same = ok["backend"] == reference
+    # a reference with no tuned settings: its defaults cells stand for it in the key's variant
+    ref = analysis.untuned_in_every_variant(ok[ok["backend"] == reference], [key["variant"]])
+    same = pd.Series(True, index=ref.index)
     for c in analysis.STUDY_KEYS + ["N", "layout"]:
-        if c != "variant":
-            same &= ok[c] == key[c]
-    mine = same & (ok["variant"] == key["variant"])
-    if not mine.any() and "tunable" in ok:  # a reference with no tuned settings: its defaults cells stand
-        mine = same & (ok["variant"] == "defaults") & ~ok["tunable"].astype(bool)
-    return float(ok.loc[mine, "step_s"].median()) if mine.any() else math.nan
+        same &= ref[c] == key[c]
+    return float(ref.loc[same, "step_s"].median()) if same.any() else math.nan
 
 
 def for_results(results_dir: Any, loaded: analysis.Loaded, cells: pd.DataFrame) -> pd.DataFrame:

@@ -298,3 +298,18 @@ def test_transfer_from_another_placement_or_from_the_fit_says_so():
     assert t.loc[3, "transfer_s"] == pytest.approx(ring(3, MLP_BYTES), rel=1e-6)
     assert t.loc[3, "transfer_source"] == ("alpha-beta fit at the gradient size (comm records of torch.distributed "
                                            "under placement none, not core)")
+
+
+def test_a_reference_with_no_tuned_settings_is_the_floor_of_the_tuned_study_too():
+    from scaling import analysis
+
+    base = dict.fromkeys(analysis.STUDY_KEYS, "s")
+    ok = pd.DataFrame([dict(base, backend="torch_reference", variant="defaults", tunable=False, N=2, layout="2x1",
+                            step_s=0.004),
+                       dict(base, backend="horovod_reference", variant="defaults", tunable=True, N=2, layout="2x1",
+                            step_s=0.003)])
+    for variant in ("defaults", "tuned"):
+        key = dict(base, variant=variant, N=2, layout="2x1")
+        assert decomposition.reference_step(ok, key, "torch_reference") == pytest.approx(0.004), variant
+    # a reference that has tuned settings stands only for its own variant
+    assert math.isnan(decomposition.reference_step(ok, dict(base, variant="tuned", N=2, layout="2x1"), "horovod_reference"))
