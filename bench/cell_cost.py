@@ -9,6 +9,10 @@ offline as in the main job. Run it on an otherwise idle machine:
 
     python bench/cell_cost.py --baseline 5829c7a            # 2 repeats of the main job's 18 cells
     python bench/cell_cost.py --baseline v0.1 --repeats 3 --out cost.json
+    python bench/cell_cost.py --baseline 5829c7a --whole    # the whole main job, each version once
+
+``--whole`` runs each version's whole main job (every repeat, as the README's command does) into
+its own results folder, the baseline first, and reports each one's wall time and runs.
 """
 from __future__ import annotations
 
@@ -28,11 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 CELL_LINE = re.compile(r"cell \d+/\d+ (\S+): ok, .*\((\d+\.\d+) s[,)]")
 
 
-def sweep(checkout: Path, results: Path, repeat: int, extra: list[str]) -> tuple[dict[str, float], float]:
-    """Run one repeat of the main job with ``checkout``'s code: (wall time per cell id, sweep seconds)."""
+def sweep(checkout: Path, results: Path, repeat: int | None, extra: list[str]) -> tuple[dict[str, float], float]:
+    """Run one repeat of the main job (every repeat: ``repeat=None``) with ``checkout``'s code:
+    (wall time per cell id, sweep seconds)."""
     env = dict(os.environ, PYTHONPATH=str(checkout))
-    cmd = [sys.executable, "-m", "scaling", "sweep", "experiment=local_cpu", f"repeat={repeat}",
-           f"results_dir={results}", *extra]
+    cmd = [sys.executable, "-m", "scaling", "sweep", "experiment=local_cpu",
+           *([] if repeat is None else [f"repeat={repeat}"]), f"results_dir={results}", *extra]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True)
     took = time.monotonic() - t0
@@ -57,6 +62,7 @@ def main() -> None:
     ap.add_argument("--baseline", required=True, help="a git revision of this repository to compare with")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="write every cell's figures here as JSON")
+    ap.add_argument("--whole", action="store_true", help="time each version's whole main job instead")
     ap.add_argument("overrides", nargs="*", help="more overrides for both sweeps (e.g. logger=none)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,6 +71,9 @@ def main() -> None:
                        check=True, capture_output=True)
         try:
             versions = {"baseline": old, "this": ROOT}
+            if args.whole:
+                whole(versions, Path(tmp), args.baseline, args.overrides, args.out)
+                return
             cells: dict[str, dict[str, list[dict]]] = {v: {} for v in versions}
             sweeps: dict[str, list[float]] = {v: [] for v in versions}
             for rep in range(args.repeats):
@@ -81,6 +90,27 @@ def main() -> None:
     report(cells, sweeps, args.baseline)
     if args.out:
         args.out.write_text(json.dumps({"baseline": args.baseline, "cells": cells, "sweeps": sweeps}, indent=1))
+
+
+def whole(versions: dict[str, Path], tmp: Path, baseline: str, extra: list[str], out: Path | None) -> None:
+    """Each version's whole main job, one after the other: its wall time, cells run, and the
+    per-cell wall time of its first and last tenth (does a cell get slower as the sweep goes on?)."""
+    figures = {}
+    for version, checkout in versions.items():
+        walls, took = sweep(checkout, tmp / f"{version}-whole", None, extra)
+        ordered = list(walls.values())
+        tenth = max(1, len(ordered) // 10)
+        figures[version] = {"sweep_s": took, "runs": len(walls), "cell_s_first_tenth": statistics.median(ordered[:tenth]),
+                            "cell_s_last_tenth": statistics.median(ordered[-tenth:]), "walls": walls}
+        print(f"{version}: {len(walls)} runs in {took:.0f} s", file=sys.stderr, flush=True)
+    print(f"| main job | runs | wall (min:s) | median cell, first tenth (s) | median cell, last tenth (s) |")
+    print("|---|---:|---:|---:|---:|")
+    for version, f in figures.items():
+        name = baseline if version == "baseline" else "this checkout"
+        print(f"| {name} | {f['runs']} | {int(f['sweep_s'] // 60)}:{f['sweep_s'] % 60:04.1f} | "
+              f"{f['cell_s_first_tenth']:.1f} | {f['cell_s_last_tenth']:.1f} |")
+    if out:
+        out.write_text(json.dumps({"baseline": baseline, "whole": figures}, indent=1))
 
 
 def report(cells: dict, sweeps: dict, baseline: str) -> None:
