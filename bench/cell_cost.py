@@ -12,7 +12,8 @@ offline as in the main job. Run it on an otherwise idle machine:
     python bench/cell_cost.py --baseline 5829c7a --whole    # the whole main job, each version once
 
 ``--whole`` runs each version's whole main job (every repeat, as the README's command does) into
-its own results folder, the baseline first, and reports each one's wall time and runs.
+its own results folder (``--results DIR`` keeps them: ``DIR/baseline-whole``, ``DIR/this-whole``),
+the baseline first, and reports each one's wall time and runs.
 """
 from __future__ import annotations
 
@@ -63,6 +64,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="write every cell's figures here as JSON")
     ap.add_argument("--whole", action="store_true", help="time each version's whole main job instead")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="with --whole: keep each version's results under this folder (default: a temporary one)")
     ap.add_argument("overrides", nargs="*", help="more overrides for both sweeps (e.g. logger=none)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,7 +75,8 @@ def main() -> None:
         try:
             versions = {"baseline": old, "this": ROOT}
             if args.whole:
-                whole(versions, Path(tmp), args.baseline, args.overrides, args.out)
+                whole(versions, args.results.resolve() if args.results else Path(tmp), args.baseline, args.overrides,
+                      args.out)
                 return
             cells: dict[str, dict[str, list[dict]]] = {v: {} for v in versions}
             sweeps: dict[str, list[float]] = {v: [] for v in versions}

@@ -46,14 +46,24 @@ def main() -> None:
         print(f"| {backend} | {_fmt(thr(backend, 1, 'defaults'))} | {_fmt(t1)} | {_fmt(t1 / plain.get(fw, math.nan), '.2f')} "
               f"| {_fmt(thr(backend, 2, 'defaults'))} | {_fmt(t2)} | {ref or 'none'} {_fmt(ref_thr)} "
               f"| {_fmt(t2 / ref_thr, '.2f')} |")
-    print("\nWhere the N=2 step goes (ms; compute = the same backend's N=1 step):\n")
-    print("| backend | variant | step | compute | transfer | waiting | overhead | ideal floor | reference floor |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    # stalls: a step's mean over its median, median over repeats; a few slow steps cost every rank
+    # of a lockstep loop, so they show in the mean (samples/s) and not in the median
+    stall = (cells.assign(stall=cells["step_time_mean_s"] - cells["step_time_p50_s"])
+             .groupby(["backend", "variant", "N"])[["stall", "step_time_p50_s"]].median())
+    print("\nWhere the N=2 step goes (ms; compute = the same backend's N=1 step; median step and stalls "
+          "from the per-step times: the step's median, and its mean less its median):\n")
+    print("| backend | variant | step | compute | transfer | waiting | overhead | median step | stalls "
+          "| ideal floor | reference floor |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = where[where["N"] == 2].sort_values(["backend", "variant"]) if not where.empty else where
     for _, r in rows.iterrows():
         ms = lambda k: _fmt(r[k] * 1e3, ".2f")  # noqa: E731
+        key = (r["backend"], r["variant"], int(r["N"]))
+        p50, stalls = ((_fmt(stall.loc[key, c] * 1e3, ".2f") for c in ("step_time_p50_s", "stall"))
+                       if key in stall.index else ("-", "-"))
         print(f"| {r['backend']} | {r['variant']} | {ms('step_s')} | {ms('compute_s')} | {ms('transfer_s')} "
-              f"| {ms('waiting_s')} | {ms('overhead_s')} | {ms('ideal_floor_s')} | {ms('reference_floor_s')} |")
+              f"| {ms('waiting_s')} | {ms('overhead_s')} | {p50} | {stalls} | {ms('ideal_floor_s')} "
+              f"| {ms('reference_floor_s')} |")
 
 
 if __name__ == "__main__":
