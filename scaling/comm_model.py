@@ -36,10 +36,13 @@ BOOTSTRAP = 400
 PATH_OF = {"torch_ddp": "torch.distributed", "lightning_ddp": "torch.distributed",
            "torch_reference": "torch.distributed", "horovod_torch": "horovod (torch)",
            "horovod_reference": "horovod (torch)", "horovod_tf": "horovod (tf)",
-           "tf_multiworker": "MultiWorkerMirroredStrategy", "tf_mirrored": "MirroredStrategy"}
+           "horovod_tf_reference": "horovod (tf)", "tf_multiworker": "MultiWorkerMirroredStrategy",
+           "tf_reference": "MultiWorkerMirroredStrategy", "tf_mirrored": "MirroredStrategy"}
 #: the reference loop (practical floor) over the same library
 REFERENCE_OF = {"torch_ddp": "torch_reference", "lightning_ddp": "torch_reference", "torch_reference": "torch_reference",
-                "horovod_torch": "horovod_reference", "horovod_reference": "horovod_reference"}
+                "horovod_torch": "horovod_reference", "horovod_reference": "horovod_reference",
+                "horovod_tf": "horovod_tf_reference", "horovod_tf_reference": "horovod_tf_reference",
+                "tf_multiworker": "tf_reference", "tf_reference": "tf_reference"}
 
 
 def ring_design(n: Any, nbytes: Any) -> np.ndarray:

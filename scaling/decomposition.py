@@ -14,7 +14,8 @@ A cell's step is its effective step time, global batch / samples/s (median over 
 
 And two floors: the **ideal** one, compute + transfer (no overlap) and max(compute, transfer)
 (full overlap); the **practical** one, the reference loop over the same library
-(``torch_reference``, ``horovod_reference``) at the same N in the same study.
+(``torch_reference``, ``horovod_reference``, ``horovod_tf_reference``, ``tf_reference``) at the
+same N in the same study.
 
 Pure functions over records and their tidy rows: no framework imports.
 """

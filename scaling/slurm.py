@@ -36,9 +36,9 @@ def unrunnable(cfg: dict) -> str | None:
     """Why a cell's Slurm geometry cannot run (with what would), or None."""
     backend, devices = cfg["backend"]["name"], int(cfg["devices"])
     cpu_nodes = not cfg["cluster"].get("gpus", True) or cfg.get("device") == "cpu"
-    if backend == "tf_multiworker" and cpu_nodes and devices > 1:
+    if backend in ("tf_multiworker", "tf_reference") and cpu_nodes and devices > 1:
         nodes = int(cfg["cluster"].get("nodes", 1))
-        return (f"backend=tf_multiworker devices={devices} on CPUs (cluster.gpus=false or device=cpu): one task per node, "
+        return (f"backend={backend} devices={devices} on CPUs (cluster.gpus=false or device=cpu): one task per node, "
                 f"and on a CPU node that task holds one CPU device, not {devices}. What runs: devices=1 "
                 f"cluster.nodes={nodes * devices} (one worker per node), cluster.gpus=true on GPU nodes, or "
                 f"backend=torch_ddp or horovod_torch for {devices} CPU workers per node")

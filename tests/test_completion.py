@@ -25,5 +25,6 @@ def complete(line: str) -> list[str]:
 @pytest.mark.skipif(shutil.which("scaling") is None, reason="the scaling command is not installed")
 def test_bash_completion_completes_verbs_groups_and_options():
     assert complete("scaling sw") == ["sweep"]
-    assert complete("scaling run backend=tf_") == ["backend=tf_mirrored", "backend=tf_multiworker", "backend=tf_textbook"]
+    assert complete("scaling run backend=tf_") == ["backend=tf_mirrored", "backend=tf_multiworker",
+                                                   "backend=tf_reference", "backend=tf_textbook"]
     assert "experiment=seed_claim" in complete("scaling sweep experiment=")

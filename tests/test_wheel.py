@@ -103,7 +103,7 @@ def test_the_venv_imports_its_own_copy(installed):
 def test_run_help_lists_the_config_groups(installed):
     proc = run(installed, "scaling", "run", "--help")
     assert proc.returncode == 0, proc.stderr
-    assert "backend: horovod_reference, horovod_tf, horovod_torch" in proc.stdout
+    assert "backend: horovod_reference, horovod_tf, horovod_tf_reference, horovod_torch" in proc.stdout
     assert "experiment: comm, local_cpu" in proc.stdout
 
 

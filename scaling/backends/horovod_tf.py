@@ -65,12 +65,16 @@ class HorovodTF(tf_common.DrivenSteps):
             xb, yb = tf.gather(x, idx), tf.gather(y, idx)
             with tf.GradientTape() as tape:
                 loss = loss_fn(yb, model(xb, training=True))
-            tape = hvd.DistributedGradientTape(tape)
-            grads = tape.gradient(loss, _tf_vars(model.trainable_variables))
+            grads = self.all_reduced_gradients(tape, loss, _tf_vars(model.trainable_variables))
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
             return loss
 
         self.calls = tf_common.StepCalls(one_step, b, optimizer, g, int(steps_per_call or 1))
+
+    def all_reduced_gradients(self, tape, loss, variables) -> list:
+        """The gradients averaged over the ranks, traced into the step: Horovod's
+        ``DistributedGradientTape``."""
+        return self.hvd.DistributedGradientTape(tape).gradient(loss, variables)
 
     def epoch_inputs(self, epoch: int) -> tuple:
         perm = epoch_permutation(self.n, self.ctx.seed, epoch)

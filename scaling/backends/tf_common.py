@@ -40,18 +40,30 @@ def resident(ds) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
         return (*to_tensors(ds.train_x, ds.train_y), *to_tensors(ds.test_x, ds.test_y))
 
 
-def model_and_adam(ctx):
-    """The workload as a Keras model and its Adam at the schedule's first rate, its slot variables
-    built now (created lazily inside a traced step they break the graph). Call it inside a
-    strategy's scope where there is one."""
+def model_and_adam(ctx, adam=None):
+    """The workload as a Keras model and its Adam (``adam``: a subclass of Keras' Adam, where given)
+    at the schedule's first rate, its slot variables built now (created lazily inside a traced step
+    they break the graph). Call it inside a strategy's scope where there is one."""
     import keras
 
     from scaling.workloads import tf_models
 
     model = tf_models.build(ctx.config["workload"], ctx.dataset.num_classes)
-    optimizer = keras.optimizers.Adam(learning_rate=ctx.geometry.lr_at(0))
+    optimizer = (adam or keras.optimizers.Adam)(learning_rate=ctx.geometry.lr_at(0))
     optimizer.build(model.trainable_variables)
     return model, optimizer
+
+
+def flat_all_reduce(grads: list, all_reduce_sum, scale: float | None = None) -> list:
+    """The whole gradient in one collective call: every gradient reshaped to 1-D and concatenated
+    into one flat tensor, ``all_reduce_sum`` of it (a sum over the ranks), times ``scale`` where
+    given (1/world to average; none where the loss is already divided by the global batch), split
+    back to each gradient's shape. Traced into the step: its cost is one concat and one split."""
+    shapes = [g.shape for g in grads]
+    flat = all_reduce_sum(tf.concat([tf.reshape(g, [-1]) for g in grads], 0))
+    if scale is not None:
+        flat = flat * scale
+    return [tf.reshape(part, shape) for part, shape in zip(tf.split(flat, [s.num_elements() for s in shapes]), shapes)]
 
 
 def make_evaluator(model, batch: int = 1000, rank: int = 0, world: int = 1, all_reduce_sum=None):

@@ -18,8 +18,8 @@ class TFMultiWorker(TFStrategyLoop):
 
         tf_common.configure(ctx.config.get("threads"), ctx.config["device"])
         if jit_compile and not tf.config.list_physical_devices("GPU"):
-            raise RuntimeError("tf_multiworker: jit_compile=true needs GPUs; XLA has no CPU kernel for the "
-                               "collective all-reduce. Use backend.steps_per_call here")
+            raise RuntimeError(f"{ctx.config['backend']['name']}: jit_compile=true needs GPUs; XLA has no CPU "
+                               "kernel for the collective all-reduce. Use backend.steps_per_call here")
         tuned = settings.in_force(ctx.config)
         implementation = str(tuned.get("implementation") or "AUTO").upper()
         if implementation == "NCCL" and not tf.config.list_physical_devices("GPU"):

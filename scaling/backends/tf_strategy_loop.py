@@ -40,7 +40,7 @@ class TFStrategyLoop(tf_common.DrivenSteps):
         self.x = strategy.experimental_distribute_values_from_function(lambda _: tf.identity(x_host))
         self.y = strategy.experimental_distribute_values_from_function(lambda _: tf.identity(y_host))
         with strategy.scope():
-            self.model, self.optimizer = model, optimizer = tf_common.model_and_adam(ctx)
+            self.model, self.optimizer = model, optimizer = self.model_and_optimizer(ctx)
         per_example = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
         self._evaluate = tf_common.make_strategy_evaluator(model, strategy, self.test_x, self.test_y)
 
@@ -54,7 +54,7 @@ class TFStrategyLoop(tf_common.DrivenSteps):
             xb, yb = tf.gather(x, idx), tf.gather(y, idx)
             with tf.GradientTape() as tape:
                 loss = tf.nn.compute_average_loss(per_example(yb, model(xb, training=True)), global_batch_size=G)
-            grads = tape.gradient(loss, model.trainable_variables)
+            grads = self.replica_gradients(tape, loss, model.trainable_variables)
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
             return loss
 
@@ -62,6 +62,15 @@ class TFStrategyLoop(tf_common.DrivenSteps):
             return strategy.run(replica_step, args=(x, y, perm, start))
 
         self.calls = tf_common.StepCalls(one_step, G, optimizer, g, int(steps_per_call or 1), bool(jit_compile))
+
+    def model_and_optimizer(self, ctx: RunContext) -> tuple:
+        """The model and its Keras Adam, built in the strategy's scope."""
+        return tf_common.model_and_adam(ctx)
+
+    def replica_gradients(self, tape, loss, variables) -> list:
+        """This replica's gradients, traced into the replica step; the Keras optimizer all-reduces
+        them in ``apply_gradients``."""
+        return tape.gradient(loss, variables)
 
     def epoch_inputs(self, epoch: int) -> tuple:
         tf = self.tf

@@ -1,14 +1,16 @@
 """The reference loops: the minimal hand-written data-parallel step, with no DDP and no
 DistributedOptimizer: forward, backward, one all-reduce of every gradient as one flat buffer,
 average, step; over torch.distributed (``torch_reference``, here) and over Horovod
-(``horovod_reference``, in its own module).
+(``horovod_reference``, in its own module); for TensorFlow, ``horovod_tf_reference`` and
+``tf_reference`` (their own modules).
 
 Each is the practical floor for the backends over the same library (``torch_ddp`` and
-``lightning_ddp``; ``horovod_torch``), with the same data layout and protocol: what a backend
-costs beyond it is that backend's overhead.
-Gradients live as views of one flat buffer, so the all-reduce needs no copy in or out.
-On CPU the all-reduce is marked for the rank clock (``scaling.rank_clock``): when each rank reached
-it and left it, so the record can tell waiting for the slowest rank from the transfer.
+``lightning_ddp``; ``horovod_torch``; ``horovod_tf``; ``tf_multiworker``), with the same data
+layout and protocol: what a backend costs beyond it is that backend's overhead.
+In the PyTorch loops the gradients live as views of one flat buffer, so the all-reduce needs no
+copy in or out, and on CPU the all-reduce is marked for the rank clock (``scaling.rank_clock``):
+when each rank reached it and left it, so the record can tell waiting for the slowest rank from
+the transfer.
 """
 from __future__ import annotations
 

@@ -265,15 +265,16 @@ def open_path(ctx: RunContext) -> CollectivePath:
         return TorchDistributed(ctx)
     if name in ("horovod_torch", "horovod_reference"):
         return HorovodTorch(ctx)
-    if name == "horovod_tf":
+    if name in ("horovod_tf", "horovod_tf_reference"):
         return HorovodTF(ctx)
-    if name == "tf_multiworker":
+    if name in ("tf_multiworker", "tf_reference"):
         from scaling.backends.tf_multiworker import TFMultiWorker
 
-        return TFStrategy(ctx, TFMultiWorker)
+        return TFStrategy(ctx, TFMultiWorker)  # tf_reference builds its strategy the same way
     if name == "tf_mirrored":
         from scaling.backends.tf_mirrored import TFMirrored
 
         return TFStrategy(ctx, TFMirrored)
     raise ValueError(f"scaling comm: backend={name} has no collective to measure; use one of "
-                     "torch_ddp, lightning_ddp, horovod_torch, horovod_tf, tf_multiworker, tf_mirrored")
+                     "torch_ddp, lightning_ddp, torch_reference, horovod_torch, horovod_reference, horovod_tf, "
+                     "horovod_tf_reference, tf_multiworker, tf_reference, tf_mirrored")
