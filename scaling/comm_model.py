@@ -7,11 +7,14 @@ The collective's time for ``S`` bytes over ``N`` ranks, in the ring form (nccl-t
     t(N, S) = 2 (N - 1) alpha + 2 (N - 1) / N * S * beta
 
 ``alpha`` is the per-step latency (s), ``beta`` the inverse bandwidth (s/B). It is linear in
-(alpha, beta), both non-negative: fitted by exact non-negative least squares on the p50 latency of
+(alpha, beta), both non-negative: fitted by exact non-negative least squares on the mean latency of
 every message size and N of one collective path (library, variant, placement), each point weighted
 by 1/t so the small messages count as much as the large ones. One N identifies both already
 (the sizes separate the constant from the slope). The interval of a prediction is the 95%
-bootstrap over the points, widened by the fit's RMS relative residual.
+bootstrap over the points, widened by the fit's RMS relative residual. The mean, not the p50:
+a step's time (global batch / samples/s) is a mean over steps, and a loop of calls pays its slow
+calls too; on pinned CPU ranks an all-reduce's mean can be several times its p50. Records written
+before the mean was kept fall back to their p50.
 
 A backend's step at N is then ``compute + exposed communication``, with compute its own step at
 N = 1 (strong scaling: scaled by the per-device batch, assuming compute linear in it) and two
@@ -83,12 +86,14 @@ class AlphaBeta:
 
 
 def fit_alpha_beta(points: pd.DataFrame, bootstrap: int = BOOTSTRAP, seed: int = 0, **key: Any) -> AlphaBeta:
-    """Fit the ring model to rows with ``N``, ``bytes`` and ``latency_p50_s`` (N >= 2)."""
-    pts = points[(points["N"] >= 2) & points["latency_p50_s"].notna() & (points["latency_p50_s"] > 0)]
+    """Fit the ring model to rows with ``N``, ``bytes`` and a latency (``latency_s``, else
+    ``latency_p50_s``), N >= 2."""
+    points = with_latency(points)
+    pts = points[(points["N"] >= 2) & points["latency_s"].notna() & (points["latency_s"] > 0)]
     if len(pts) < 2:
         raise ValueError(f"alpha-beta fit needs at least two measured sizes at N >= 2 (got {len(pts)})")
     a = ring_design(pts["N"], pts["bytes"])
-    t = pts["latency_p50_s"].to_numpy(float)
+    t = pts["latency_s"].to_numpy(float)
     theta = fit_relative(a, t)
     rng = np.random.default_rng(seed)
     boot = np.stack([fit_relative(a[i], t[i]) for i in (rng.integers(0, len(t), len(t)) for _ in range(bootstrap))]) \
@@ -105,11 +110,20 @@ def fit_alpha_beta(points: pd.DataFrame, bootstrap: int = BOOTSTRAP, seed: int =
     return fit
 
 
+def with_latency(points: pd.DataFrame) -> pd.DataFrame:
+    """``points`` with ``latency_s``, the latency the model and the decomposition use: each size's
+    mean over its timed calls, its p50 where a record has no mean (written before it was kept)."""
+    if "latency_s" in points:
+        return points
+    mean = points["latency_mean_s"] if "latency_mean_s" in points else pd.Series(math.nan, index=points.index)
+    return points.assign(latency_s=pd.to_numeric(mean, errors="coerce").fillna(points["latency_p50_s"]))
+
+
 def comm_points(comm_rows: pd.DataFrame) -> pd.DataFrame:
-    """The comm records' ok rows with their path; one row per (record, size)."""
+    """The comm records' ok rows with their path and ``latency_s``; one row per (record, size)."""
     ok = comm_rows[(comm_rows["status"] == "ok") & comm_rows["bytes"].notna()].copy()
     ok["path"] = ok["backend"].map(PATH_OF)
-    return ok[ok["path"].notna()]
+    return with_latency(ok[ok["path"].notna()])
 
 
 def fit_paths(comm_rows: pd.DataFrame, bootstrap: int = BOOTSTRAP, per_n: bool = False) -> dict[tuple, AlphaBeta]:
@@ -142,8 +156,9 @@ def find_fit(fits: dict, backend: str, variant: str, placement: str) -> tuple[Al
 
 def measured_transfer(comm_rows: pd.DataFrame, backend: str, variant: str, placement: str, n: int,
                       nbytes: int) -> tuple[float | None, str | None]:
-    """The micro-benchmark's p50 at exactly this gradient size and N (median over repeats), or None;
-    and a note when it was measured under another placement than the cell's."""
+    """The micro-benchmark's latency (``with_latency``: mean, else p50) at exactly this gradient size
+    and N (median over repeats), or None; and a note when it was measured under another placement
+    than the cell's."""
     pts = comm_points(comm_rows)
     at = pts[(pts["path"] == PATH_OF.get(backend)) & (pts["variant"] == variant) & (pts["N"] == n)
              & (pts["bytes"] == nbytes)]
@@ -152,8 +167,8 @@ def measured_transfer(comm_rows: pd.DataFrame, backend: str, variant: str, place
     same = at[at["placement"] == placement]
     if same.empty:
         others = ", ".join(sorted(set(at["placement"])))
-        return float(at["latency_p50_s"].median()), f"measured under placement {others}, not {placement}"
-    return float(same["latency_p50_s"].median()), None
+        return float(at["latency_s"].median()), f"measured under placement {others}, not {placement}"
+    return float(same["latency_s"].median()), None
 
 
 def placement_of(conditions: str) -> str:

@@ -5,7 +5,8 @@ A cell's step is its effective step time, global batch / samples/s (median over 
 - **compute**: the same backend's step at N = 1 in the same study (strong scaling: scaled by the
   per-device batch, compute taken as linear in it);
 - **transfer**: the all-reduce of the gradient at this N through the backend's collective path,
-  from the micro-benchmark (``scaling comm``): its p50 at exactly the gradient size, else the
+  from the micro-benchmark (``scaling comm``): its mean latency (a step pays slow calls too) at
+  exactly the gradient size, else the
   alpha-beta fit (``scaling.comm_model``) at that size;
 - **waiting**: time ranks sat in the collective for the slowest rank (``scaling.rank_clock``),
   where the backend's collective can be marked; otherwise "not separable";

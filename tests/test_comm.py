@@ -153,16 +153,18 @@ def test_comm_sweep_over_torch_distributed_writes_record_dashboard_and_wandb_run
                            "devices=2", "logger=wandb", "logger.mode=offline", *SMALL],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     found = sorted((tmp_path / "comm").glob("comm-torch_ddp-mlp-mnist-weak-n2x1-r0*.json"))
-    assert proc.returncode == 0 and found, proc.stderr[-3000:]
-    record = json.loads(found[0].read_text())
+    assert proc.returncode == 0 and len(found) == 2, proc.stderr[-3000:]  # both variants, as the main job
+    record, tuned = (json.loads(f.read_text()) for f in found)
     check(record, "torch.distributed (gloo)")
+    check(tuned, "torch.distributed (gloo)")
+    assert tuned["config"]["variant"] == "tuned" and tuned["environment"]["settings"]["variant"] == "tuned"
     assert record["environment"]["process_group"] == "gloo" and len(record["ranks"]) == 2
     page = (tmp_path / "report" / "index.html").read_text()
     assert "Collectives (scaling comm)" in page
-    assert "1 collective benchmarks, 0 unreadable" in page  # counted as what they are
-    assert "1 collective benchmark cell(s)" in proc.stderr and "0 runs" not in proc.stderr
+    assert "2 collective benchmarks, 0 unreadable" in page  # counted as what they are
+    assert "2 collective benchmark cell(s)" in proc.stderr and "0 runs" not in proc.stderr
     runs = list((tmp_path / "wandb").glob("offline-run-*/*.wandb"))
-    assert len(runs) == 1, "one W&B run for the comm cell (the training summary run skips comm records)"
+    assert len(runs) == 2, "one W&B run per comm cell (the training summary run skips comm records)"
 
 
 @pytest.mark.multiprocess

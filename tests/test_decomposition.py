@@ -313,3 +313,21 @@ def test_a_reference_with_no_tuned_settings_is_the_floor_of_the_tuned_study_too(
         assert decomposition.reference_step(ok, key, "torch_reference") == pytest.approx(0.004), variant
     # a reference that has tuned settings stands only for its own variant
     assert math.isnan(decomposition.reference_step(ok, dict(base, variant="tuned", N=2, layout="2x1"), "horovod_reference"))
+
+
+def test_transfer_is_the_mean_call_of_the_cells_own_variant():
+    """A step pays every all-reduce call, slow ones included: the transfer is the micro-benchmark's
+    mean at the gradient size (its p50 for a record without a mean), measured under the cell's variant."""
+    compute = 0.002
+    defaults = comm_rows(ns=(2,)).assign(latency_mean_s=lambda r: r["latency_p50_s"] * 3)  # a heavy tail
+    tuned = comm_rows(ns=(2,)).assign(variant="tuned", run_id="c2-tuned")  # written before the mean was kept
+    tuned_cells = [dict(cell("horovod_torch", n, step), variant="tuned") for n, step in ((1, compute), (2, 0.004))]
+    cells = pd.DataFrame([cell("horovod_torch", 1, compute), cell("horovod_torch", 2, 0.006), *tuned_cells])
+    rows = pd.concat([defaults.assign(backend="horovod_torch"), tuned.assign(backend="horovod_torch")])
+    t = decomposition.table(cells, rows, {}).set_index(["variant", "N"])
+    assert t.loc[("defaults", 2), "transfer_s"] == pytest.approx(3 * ring(2, MLP_BYTES))
+    assert t.loc[("tuned", 2), "transfer_s"] == pytest.approx(ring(2, MLP_BYTES))
+    assert t.loc[("defaults", 2), "overhead_s"] == pytest.approx(0.006 - compute - 3 * ring(2, MLP_BYTES))
+    # the first-principles model is fitted to the same latency
+    fit = comm_model.fit_alpha_beta(comm_model.comm_points(defaults), bootstrap=0)
+    assert fit.time(2, MLP_BYTES) == pytest.approx(3 * ring(2, MLP_BYTES), rel=1e-6)

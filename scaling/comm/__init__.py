@@ -3,7 +3,7 @@
 What is measured, in every library alike: one all-reduce (sum) of a float32 buffer of each message
 size; ``warmup`` untimed calls, then ``iters`` timed calls, each timed on every rank from the call
 until the result is available (device synchronised). A call's latency is the slowest rank's time
-for it (ranks' times are exchanged after the timed loop); p50 and p95 are over the timed calls.
+for it (ranks' times are exchanged after the timed loop); p50, mean and p95 are over the timed calls.
 Bandwidths follow nccl-tests: algbw = bytes / p50 latency, busbw = algbw x 2(N-1)/N.
 
 No framework is imported here: the libraries' paths are in :mod:`scaling.comm.paths`.

@@ -111,11 +111,11 @@ def print_summary(record: dict) -> None:
         Console().print(table)
         return
     table.title += f"  {m['library']}, N={m['devices']}"
-    for col in ("bytes", "workload", "iters", "p50 us", "p95 us", "algbw GB/s", "busbw GB/s"):
+    for col in ("bytes", "workload", "iters", "p50 us", "mean us", "p95 us", "algbw GB/s", "busbw GB/s"):
         table.add_column(col, justify="left" if col == "workload" else "right", no_wrap=True)
     for s in m["sizes"]:
         lat = s["latency_s"]
         table.add_row(f"{s['bytes']:,}", s["label"] or "", str(s["iters"]), f"{lat['p50'] * 1e6:,.1f}",
-                      f"{lat['p95'] * 1e6:,.1f}", f"{(s['algbw_bytes_per_s'] or 0) / 1e9:.3f}",
+                      f"{lat['mean'] * 1e6:,.1f}", f"{lat['p95'] * 1e6:,.1f}", f"{(s['algbw_bytes_per_s'] or 0) / 1e9:.3f}",
                       f"{(s['busbw_bytes_per_s'] or 0) / 1e9:.3f}")
     Console().print(table)
