@@ -34,8 +34,14 @@ CELL_KEYS = STUDY_KEYS + ["backend", "framework", "settings"]
 AGG_KEYS = CELL_KEYS + ["N", "layout"]
 #: backend options that change how fast a step runs; a record's values are part of its cell
 FAST_SETTINGS = ("fast", "steps_per_call", "jit_compile")
-#: ``*-r<repeat>`` or ``*-r<repeat>-<hash of other overrides>`` (scaling/sweep.py's cell ids)
-_CELL_ID = re.compile(r"-r\d+(?:-([0-9a-f]{8}))?$")
+
+
+def overrides_of(run_id: str, variant: str = "defaults") -> str:
+    """The hash of a sweep cell's other overrides in its id (``scaling.naming.cell_id``:
+    ``*-r<repeat>[-<variant>][-<hash>]``), or "" (none, or not a sweep cell's id)."""
+    tail = "" if variant == "defaults" else f"(?:-{re.escape(variant)})?"
+    match = re.search(rf"-r\d+{tail}(?:-([0-9a-f]{{8}}))?$", run_id)
+    return (match.group(1) or "") if match else ""
 
 
 def study_slug(key: dict) -> str:
@@ -185,7 +191,6 @@ def tidy(records: Iterable[dict], paths: Iterable[Path] | None = None) -> pd.Dat
         nodes = int(_get(cfg, "cluster", "nodes", default=1) or 1)
         workload = _get(cfg, "workload", "name", default="?")
         run_id = str(r.get("run_id") or "")
-        match = _CELL_ID.search(run_id)
         gpu = env.get("gpu") or {}
         epoch_times = m.get("epoch_time_s") or []
         rows.append({
@@ -205,7 +210,7 @@ def tidy(records: Iterable[dict], paths: Iterable[Path] | None = None) -> pd.Dat
             "variant": str(cfg.get("variant") or "defaults"),
             # a backend with no tuned settings runs the same in both variants (its defaults cells stand for it)
             "tunable": bool(_get(cfg, "backend", "tuned", default=None)),
-            "overrides": (match.group(1) or "") if match else "",
+            "overrides": overrides_of(run_id, str(_get(cfg, "variant", default="defaults") or "defaults")),
             "devices_per_node": devices,
             "nodes": nodes,
             "N": devices * nodes,

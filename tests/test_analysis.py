@@ -362,3 +362,20 @@ def test_validation_says_when_the_measurement_is_outside_the_interval():
     assert not (v.predicted_low <= measured <= v.predicted_high)
     assert "measured OUTSIDE its interval" in v.summary()
     assert any("model error" in n for n in v.notes)
+
+
+def test_a_tuned_cells_other_overrides_keep_it_in_its_own_study():
+    """A tuned cell's id puts the variant between the repeat and the overrides' hash: placements
+    swept beside variants must not pool (``experiment=tuning``)."""
+    from scaling.naming import cell_id
+
+    cfg = {"backend": {"name": "torch_ddp"}, "workload": {"name": "mlp"}, "data": {"name": "mnist"}, "devices": 2,
+           "cluster": {"nodes": 1}, "repeat": 0}
+    ids = {(variant, placement): cell_id({**cfg, "variant": variant}, [f"variant={variant}", f"placement={placement}"])
+           for variant in ("defaults", "tuned") for placement in ("core", "compute")}
+    hashes = {key: analysis.overrides_of(run_id, key[0]) for key, run_id in ids.items()}
+    assert all(len(h) == 8 for h in hashes.values())
+    assert hashes[("tuned", "core")] == hashes[("defaults", "core")] != hashes[("tuned", "compute")]
+    assert analysis.overrides_of(cell_id({**cfg, "variant": "tuned"}, ["variant=tuned"]), "tuned") == ""
+    assert analysis.overrides_of("torch_ddp-mlp-mnist-weak-n2x1-r0-deadbeef") == "deadbeef"
+    assert analysis.overrides_of("torch_ddp_mlp_mnist_n2_20261127-101010_host-1") == ""  # a lone run
