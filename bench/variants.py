@@ -4,6 +4,9 @@ reference loop over its collective library, and where its N=2 step goes (``scali
 
     scaling sweep experiment=local_cpu && scaling comm
     python bench/variants.py results --sweep local_cpu      # Markdown tables, as in BENCHMARKS.md
+
+A sweep with other overrides beside the variants (``experiment=tuning``'s placements) gets one set
+of tables per study.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import argparse
 import math
 
 from scaling import analysis, decomposition
-from scaling.comm_model import REFERENCE_OF
+from scaling.comm_model import REFERENCE_OF, placement_of
 
 
 def _fmt(x: float, spec: str = ",.0f") -> str:
@@ -26,8 +29,18 @@ def main() -> None:
     loaded = analysis.load(args.results_dir)
     cells = analysis.tidy(loaded.records, loaded.paths)
     cells = cells[cells["sweep"] == args.sweep]
+    studies = sorted(set(cells["overrides"]))
+    for overrides in studies:  # e.g. one per placement in experiment=tuning
+        mine = cells[cells["overrides"] == overrides]
+        if len(studies) > 1:
+            placements = sorted({placement_of(c) for c in mine["conditions"]})
+            print(f"\n### placement={', '.join(placements)} (overrides {overrides or 'none'})\n")
+        tables(args.results_dir, loaded, mine)
+
+
+def tables(results_dir: str, loaded: analysis.Loaded, cells) -> None:
     agg = analysis.untuned_in_every_variant(analysis.aggregate(cells))  # no tuned settings: defaults stand
-    where = decomposition.for_results(args.results_dir, loaded, cells)
+    where = decomposition.for_results(results_dir, loaded, cells)
 
     def thr(backend: str, n: int, variant: str) -> float:
         row = agg[(agg["backend"] == backend) & (agg["N"] == n) & (agg["variant"] == variant)]
@@ -64,7 +77,6 @@ def main() -> None:
         print(f"| {r['backend']} | {r['variant']} | {ms('step_s')} | {ms('compute_s')} | {ms('transfer_s')} "
               f"| {ms('waiting_s')} | {ms('overhead_s')} | {p50} | {stalls} | {ms('ideal_floor_s')} "
               f"| {ms('reference_floor_s')} |")
-
 
 if __name__ == "__main__":
     main()
