@@ -72,7 +72,8 @@ def test_variant_selects_the_tuned_block_and_unknown_values_are_refused(mnist_ca
         ddp = plain("backend=torch_ddp")
         assert ddp["variant"] == "defaults" and ddp["placement"] == "core" and settings.in_force(ddp) == {}
         tuned = plain("backend=torch_ddp", "variant=tuned")
-        assert settings.in_force(tuned) == {"gradient_as_bucket_view": True, "static_graph": True, "bucket_cap_mb": 25}
+        assert settings.in_force(tuned) == {"gradient_as_bucket_view": True, "static_graph": True, "bucket_cap_mb": 25,
+                                            "local_hook_at_one_rank": True}
         hvd = plain("backend=horovod_torch", "variant=tuned")
         assert float(settings.in_force(hvd)["environment"]["HOROVOD_CYCLE_TIME"]) < 1
         assert settings.in_force(plain("backend=tf_multiworker", "variant=tuned"))["implementation"] == "RING"
@@ -96,7 +97,45 @@ def test_records_list_placement_and_the_settings_in_force(tmp_path):
     assert proc.returncode == 0 and rec["status"] == "ok", (rec["error"] or "") + proc.stderr[-2000:]
     env = rec["environment"]
     assert env["settings"]["variant"] == "tuned"
-    assert env["settings"]["in_force"] == {"bucket_cap_mb": 25.0, "gradient_as_bucket_view": True, "static_graph": True}
+    assert env["settings"]["in_force"] == {"bucket_cap_mb": 25.0, "gradient_as_bucket_view": True, "static_graph": True,
+                                           "comm_hook": "default all-reduce"}  # two ranks: DDP's own all-reduce
     if len(os.sched_getaffinity(0)) >= 2:
         assert env["placement"]["mode"] == "compute" and len(env["placement"]["cores"]) == 1
         assert env["placement"]["threads_pinned"] == 1 and env["placement"]["threads_free"] >= 1  # gloo's threads
+
+
+def test_ddp_at_one_rank_with_the_local_hook_steps_exactly_as_with_its_all_reduce(tmp_path):
+    """``local_hook_at_one_rank`` (torch_ddp and lightning_ddp, tuned): at world size 1 the hook
+    hands each bucket back instead of all-reducing it over one rank; the step is the same."""
+    torch = pytest.importorskip("torch")
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from scaling.backends import torch_common as tc
+    from scaling.workloads import torch_models
+
+    tuned = {"gradient_as_bucket_view": True, "local_hook_at_one_rank": True}
+    kwargs, hook = tc.ddp_options(tuned, world=1)
+    assert kwargs == {"gradient_as_bucket_view": True} and hook is tc.local_bucket_hook
+    assert tc.ddp_options(tuned, world=2)[1] is None  # several ranks: DDP's own all-reduce
+    assert tc.ddp_options({"local_hook_at_one_rank": False}, world=1) == ({}, None)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        x, y = torch.rand(16, 28, 28), torch.randint(0, 10, (16,))
+        weights = []
+        for with_hook in (False, True):
+            torch.manual_seed(0)
+            ddp = DDP(torch_models.build("mlp").eval(), **kwargs)
+            if with_hook:
+                ddp.register_comm_hook(None, hook)
+            opt = torch.optim.Adam(ddp.parameters(), lr=1e-3)
+            for _ in range(2):
+                opt.zero_grad()
+                torch.nn.functional.nll_loss(ddp(x), y).backward()
+                opt.step()
+            weights.append([p.detach().clone() for p in ddp.module.parameters()])
+            assert tc.ddp_in_force(ddp, hook if with_hook else None)["comm_hook"] == (
+                "local_bucket_hook" if with_hook else "default all-reduce")
+        assert all(torch.equal(a, b) for a, b in zip(*weights))
+    finally:
+        dist.destroy_process_group()

@@ -119,7 +119,7 @@ class LightningDDP(tc.OnTorchDevice):
         ddp = getattr(self, "ddp_model", None)
         if ddp is None:
             return settings.in_force(self.ctx.config)
-        return tc.ddp_in_force(ddp)
+        return tc.ddp_in_force(ddp, getattr(self, "comm_hook", None))
 
     def environment(self) -> dict:
         env = tc.environment(self.device)
@@ -133,12 +133,15 @@ class LightningDDP(tc.OnTorchDevice):
             sampler=RankBatchSampler(self.x.shape[0], self.ctx.seed, g.global_batch, self.rank, g.per_device_batch,
                                      self.device, max_steps_per_epoch))
         nodes = int(cfg["cluster"].get("nodes", 1))
+        kwargs, self.comm_hook = tc.ddp_options(settings.in_force(cfg), self.world)
+        if self.comm_hook is not None:
+            kwargs["ddp_comm_hook"] = self.comm_hook
         trainer = pl.Trainer(
             accelerator="gpu" if self.device.type == "cuda" else "cpu",
             devices=self.world // nodes,
             num_nodes=nodes,
             strategy=DDPStrategy(process_group_backend=tc.process_group_backend(self.device, self.process_group),
-                                 **settings.in_force(cfg)),
+                                 **kwargs),
             max_epochs=epochs,
             logger=False,
             enable_checkpointing=False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import torch
@@ -289,11 +290,34 @@ def sharded_evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, r
     return float(sums[0]) / n, float(sums[1]) / n
 
 
-def ddp_in_force(ddp: torch.nn.Module) -> dict:
-    """What a DistributedDataParallel reports it runs with (bucket cap, views, static graph)."""
+#: the tuned key of torch_ddp and lightning_ddp that skips DDP's collective at world size 1
+ONE_RANK_HOOK = "local_hook_at_one_rank"
+
+
+def ddp_options(tuned: dict, world: int) -> tuple[dict, Any]:
+    """DistributedDataParallel's keyword arguments from a backend's settings in force, and the
+    communication hook to register (or None): with ``local_hook_at_one_rank`` and one rank, a hook
+    that hands each bucket back as it is. The all-reduce of one rank is the identity, and DDP's
+    default hook still queues it on the process group's worker thread every step."""
+    kwargs = dict(tuned)
+    wanted = bool(kwargs.pop(ONE_RANK_HOOK, False))
+    return kwargs, (local_bucket_hook if wanted and world == 1 else None)
+
+
+def local_bucket_hook(state, bucket):  # noqa: ANN001, ANN201 (DDP checks the annotations it finds)
+    """A DDP communication hook for one rank: the bucket, unreduced (the sum over one rank)."""
+    fut = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+def ddp_in_force(ddp: torch.nn.Module, hook: Any = None) -> dict:
+    """What a DistributedDataParallel reports it runs with (bucket cap, views, static graph), and
+    the communication hook registered on it (``hook``; None: DDP's own all-reduce)."""
     return {"bucket_cap_mb": getattr(ddp, "bucket_bytes_cap", 0) / 2 ** 20,
             "gradient_as_bucket_view": bool(getattr(ddp, "gradient_as_bucket_view", False)),
-            "static_graph": bool(getattr(ddp, "static_graph", False))}
+            "static_graph": bool(getattr(ddp, "static_graph", False)),
+            "comm_hook": getattr(hook, "__name__", "default all-reduce") if hook else "default all-reduce"}
 
 
 class CudaStepEvents:

@@ -47,10 +47,13 @@ class TorchDDP(tc.DrivenSteps):
     def parallelize(self, model: torch.nn.Module, lr: float) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """DDP around the model (with the settings in force), Adam over its parameters."""
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        kwargs = settings.in_force(self.ctx.config)
+        kwargs, self.comm_hook = tc.ddp_options(settings.in_force(self.ctx.config), self.world)
         if self.fast != "graph":
             ddp = DDP(model, device_ids=device_ids, **kwargs)
+            if self.comm_hook is not None:
+                ddp.register_comm_hook(None, self.comm_hook)
             return ddp, torch.optim.Adam(ddp.parameters(), lr=lr)
+        self.comm_hook = None  # the captured step keeps DDP's own collective
         # for a whole-step capture DDP is built on a side stream and its graph declared static
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -60,8 +63,8 @@ class TorchDDP(tc.DrivenSteps):
         return ddp, tc.make_adam(ddp.parameters(), self.geometry, self.device, graph=True)
 
     def settings_in_force(self) -> dict:
-        """What DDP reports it runs with (bucket cap in bytes, views, static graph)."""
-        return tc.ddp_in_force(self.model)
+        """What DDP reports it runs with (bucket cap in bytes, views, static graph, hook)."""
+        return tc.ddp_in_force(self.model, getattr(self, "comm_hook", None))
 
     @property
     def digest_model(self) -> torch.nn.Module:
