@@ -13,7 +13,7 @@ offline as in the main job. Run it on an otherwise idle machine:
 
 ``--whole`` runs each version's whole main job (every repeat, as the README's command does) into
 its own results folder (``--results DIR`` keeps them: ``DIR/baseline-whole``, ``DIR/this-whole``),
-the baseline first, and reports each one's wall time and runs.
+the baseline first (``--this-first``: the other way round), and reports each one's wall time and runs.
 """
 from __future__ import annotations
 
@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="write every cell's figures here as JSON")
     ap.add_argument("--whole", action="store_true", help="time each version's whole main job instead")
+    ap.add_argument("--this-first", action="store_true", help="with --whole: run this checkout's main job first")
     ap.add_argument("--results", type=Path, default=None,
                     help="with --whole: keep each version's results under this folder (default: a temporary one)")
     ap.add_argument("overrides", nargs="*", help="more overrides for both sweeps (e.g. logger=none)")
@@ -74,6 +75,8 @@ def main() -> None:
                        check=True, capture_output=True)
         try:
             versions = {"baseline": old, "this": ROOT}
+            if args.whole and args.this_first:
+                versions = {"this": ROOT, "baseline": old}
             if args.whole:
                 whole(versions, args.results.resolve() if args.results else Path(tmp), args.baseline, args.overrides,
                       args.out)
