@@ -12,10 +12,9 @@ from typing import Any
 
 import pandas as pd
 
-from scaling import records
+from scaling import comm, records
 
-COLUMNS = ["sweep", "run_id", "status", "error", "backend", "library", "N", "variant", "placement", "bytes", "label",
-           "iters", "latency_p50_s", "latency_mean_s", "latency_p95_s", "algbw_bytes_per_s", "busbw_bytes_per_s"]
+COLUMNS = ["sweep", "run_id", "status", "error", "backend", "library", "N", "variant", "placement", *comm.SIZE_COLUMNS]
 
 
 @dataclass
@@ -45,13 +44,7 @@ def load(results_dir: str | Path) -> pd.DataFrame:
                 "variant": cfg.get("variant") or "defaults", "placement": cfg.get("placement") or "core"}
         sizes = m.get("sizes") or [None]
         for s in sizes:
-            row = dict(base)
-            if s:
-                row |= {"bytes": s["bytes"], "label": s.get("label"), "iters": s["iters"],
-                        "latency_p50_s": s["latency_s"]["p50"], "latency_mean_s": s["latency_s"].get("mean"),
-                        "latency_p95_s": s["latency_s"]["p95"],
-                        "algbw_bytes_per_s": s["algbw_bytes_per_s"], "busbw_bytes_per_s": s["busbw_bytes_per_s"]}
-            rows.append(row)
+            rows.append(base | comm.size_row(s) if s else dict(base))
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -112,8 +105,8 @@ def render(rows: pd.DataFrame, figs: list, fig_html) -> str:
              "<p>The all-reduce (sum, float32) through each backend's own collective path, launched and placed as "
              "its training cells are. Latency: the slowest rank's time per call, p50, mean and p95 over the timed "
              "calls (the mean is what a loop of calls pays, slow calls included: the step decomposition and the "
-             "first-principles model take it). algbw = bytes / p50; busbw = algbw &times; 2(N&minus;1)/N (nccl-tests' definition), comparable "
-             "across N.</p>"]
+             "first-principles model take it). algbw = bytes / p50; busbw = algbw &times; 2(N&minus;1)/N "
+             "(nccl-tests' definition), comparable across N.</p>"]
     failed = rows[rows["status"] != "ok"].drop_duplicates("run_id")
     if not failed.empty:
         items = "".join(f"<li>{esc(str(r.sweep))}/{esc(str(r.run_id))}: {esc(str(r.error))[:300]}</li>"

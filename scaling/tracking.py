@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from scaling import records
+from scaling import comm, records
 from scaling.config import runs_on
 from scaling.protocol import Observer
 
@@ -336,15 +336,12 @@ def _say_where(run: Any, run_dir: Path | None, say: Callable[[str], None] | None
 
 # -- one run per comm cell --------------------------------------------------------------------
 
-COMM_COLUMNS = ["bytes", "label", "iters", "latency_p50_s", "latency_mean_s", "latency_p95_s", "algbw_bytes_per_s",
-                "busbw_bytes_per_s"]
+COMM_COLUMNS = comm.SIZE_COLUMNS
 
 
 def comm_rows(metrics: dict) -> list[dict]:
     """One row per message size of a comm record's metrics."""
-    return [{"bytes": s["bytes"], "label": s.get("label"), "iters": s["iters"], "latency_p50_s": s["latency_s"]["p50"],
-             "latency_mean_s": s["latency_s"].get("mean"), "latency_p95_s": s["latency_s"]["p95"], "algbw_bytes_per_s": s["algbw_bytes_per_s"],
-             "busbw_bytes_per_s": s["busbw_bytes_per_s"]} for s in metrics.get("sizes") or []]
+    return [comm.size_row(s) for s in metrics.get("sizes") or []]
 
 
 def log_comm_run(cfg: dict, record: dict) -> None:

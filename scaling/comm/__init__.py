@@ -64,6 +64,20 @@ def size_result(nbytes: int, label: str | None, latencies: list[float], n: int) 
             "busbw_bytes_per_s": algbw * bus_factor(n) if algbw is not None else None}
 
 
+#: one message size's figures as a flat row: the dashboard's table, a comm cell's W&B history
+SIZE_COLUMNS = ["bytes", "label", "iters", "latency_p50_s", "latency_mean_s", "latency_p95_s", "algbw_bytes_per_s",
+                "busbw_bytes_per_s"]
+
+
+def size_row(entry: dict[str, Any]) -> dict[str, Any]:
+    """A record's size entry (``size_result``) as a ``SIZE_COLUMNS`` row (no mean in records
+    written before it was kept: None)."""
+    lat = entry["latency_s"]
+    return {"bytes": entry["bytes"], "label": entry.get("label"), "iters": entry["iters"], "latency_p50_s": lat["p50"],
+            "latency_mean_s": lat.get("mean"), "latency_p95_s": lat["p95"],
+            "algbw_bytes_per_s": entry["algbw_bytes_per_s"], "busbw_bytes_per_s": entry["busbw_bytes_per_s"]}
+
+
 def at_label(metrics: dict, label: str) -> dict | None:
     """The size entry a label names (e.g. ``mlp`` for the MLP's gradient), or None."""
     for entry in metrics.get("sizes") or []:
