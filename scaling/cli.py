@@ -287,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         inspect = any(a in ("--cfg", "-c", "--info", "-i", "--shell-completion", "-sc") or a.startswith("--info=")
                       for a in rest)
         sys.argv = ["scaling sweep", *([] if inspect else ["--multirun"]), *rest]
+        if not inspect:
+            from scaling.sweep import compose_covering_cells_only
+
+            compose_covering_cells_only()
         return _hydra_run()
     if verb == "comm":
         from scaling.comm.cli import sweep_overrides

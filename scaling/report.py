@@ -27,7 +27,7 @@ import pandas as pd
 
 from scaling import analysis, report_cells, report_comm, report_decomposition, scaling_model, verdicts
 from scaling.predict import fmt_param
-from scaling.report_figures import FIG_HEIGHT, Figure, Study, colours, figures, write_pngs
+from scaling.report_figures import FIG_HEIGHT, Figure, PngWriter, Study, colours, figures
 
 
 @dataclass
@@ -69,6 +69,15 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None, png: bool 
     results_dir = Path(results_dir)
     out = Path(out_dir) if out_dir else results_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
+    writer = PngWriter() if png else None  # Chromium starts while the studies are computed
+    try:
+        return _build(results_dir, out, writer, bootstrap)
+    finally:
+        if writer:
+            writer.close()
+
+
+def _build(results_dir: Path, out: Path, writer: PngWriter | None, bootstrap: int) -> Report:
     loaded = analysis.load(results_dir)
     cells = analysis.tidy(loaded.records, loaded.paths)
     problems = list(loaded.problems)
@@ -90,7 +99,7 @@ def build(results_dir: str | Path, out_dir: str | Path | None = None, png: bool 
     comm = report_comm.section(results_dir, Figure, _fig_html)  # `scaling comm` records, if any
     where = report_decomposition.section(loaded, cells, comm.rows, Figure, _fig_html)  # where the time goes
     all_figures += comm.figures + where.figures
-    pngs, png_problem = write_pngs(all_figures, out) if png else ([], None)
+    pngs, png_problem = writer.write(all_figures, out) if writer and all_figures else ([], None)
     if png_problem:
         problems.append(png_problem)
     body = render_html(results_dir, loaded, cells, study_list, problems, pngs, extra_html=where.html + comm.html)

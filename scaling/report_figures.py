@@ -298,42 +298,97 @@ def _rgba(hex_colour: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
+class PngWriter:
+    """Renders figures to PNG with kaleido (a local Chrome/Chromium; ``BROWSER_PATH`` picks one).
+
+    Chromium takes about 2 s to start, so it starts in a background thread when the writer is made,
+    while the report computes its studies and figures on the main thread; :meth:`write` then hands
+    it the figures and waits. :meth:`close` (also on an error before ``write``) lets it go."""
+
+    def __init__(self, timeout: float = 300) -> None:
+        import queue
+        import threading
+
+        self.timeout = timeout
+        self._figures: queue.Queue = queue.Queue(maxsize=1)
+        self._error: str | None = None
+        try:
+            import kaleido  # noqa: F401
+        except ImportError:
+            self._error = "kaleido is not installed (pip install 'scaling[report]')"
+            self._thread = None
+            return
+        if not os.environ.get("BROWSER_PATH"):
+            for candidate in ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"):
+                if os.access(candidate, os.X_OK):
+                    os.environ["BROWSER_PATH"] = candidate
+                    break
+        self._thread = threading.Thread(target=self._run, name="png-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import asyncio
+        import logging
+
+        # choreographer logs (and ignores) stray non-JSON lines from Chromium's pipe as tracebacks
+        logging.getLogger("choreographer.channels.pipe").setLevel(logging.CRITICAL)
+        try:
+            asyncio.run(self._render())
+        except Exception as exc:  # no Chrome, a sandbox refusal, a timeout: the HTML still has every figure
+            self._error = (f"PNG figures not written ({exc.__class__.__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}); "
+                           "install Chromium (apt-get install chromium) or set BROWSER_PATH")
+
+    async def _render(self) -> None:
+        import asyncio
+
+        import kaleido
+
+        # mathjax off: its default is a CDN, and the report must build offline
+        async with kaleido.Kaleido(mathjax=False) as k:
+            specs = await asyncio.to_thread(self._figures.get)
+            if specs:
+                await k.write_fig_from_object(specs)
+
+    def write(self, figures: list[Figure], out_dir: Path) -> tuple[list[Path], str | None]:
+        """The figures as ``out_dir/<name>.png``: the paths written and, if it failed, why."""
+        specs, paths = [], []
+        for f in figures:
+            path = out_dir / f"{f.name}.png"
+            fig = f.fig.to_dict()
+            fig["layout"]["width"] = FIG_WIDTH + 200  # room for the legend
+            specs.append({"fig": fig, "path": path,
+                          "opts": {"format": "png", "width": FIG_WIDTH + 200,
+                                   "height": fig["layout"].get("height", FIG_HEIGHT), "scale": 2}})
+            paths.append(path)
+        if self._thread is None:
+            return [], self._error if figures else None
+        self._figures.put(specs)
+        self._thread.join(self.timeout)
+        if self._thread.is_alive():
+            self._error = f"PNG figures not written within {self.timeout:.0f} s"
+        written = [p for p in paths if p.exists()]
+        if len(written) == len(paths):
+            return written, None
+        return written, self._error or f"{len(paths) - len(written)} of {len(paths)} PNG figures not written"
+
+    def close(self) -> None:
+        """Let Chromium go without writing (a report that failed before its figures)."""
+        if self._thread is not None and self._thread.is_alive():
+            try:
+                self._figures.put_nowait([])
+            except Exception:  # figures handed over already
+                pass
+            self._thread.join(30)
+
+
 def write_pngs(figures: list[Figure], out_dir: Path) -> tuple[list[Path], str | None]:
-    """Render figures to PNG with kaleido (a local Chrome/Chromium; ``BROWSER_PATH`` picks one).
-    Returns the paths written and, if it failed, why."""
+    """Render figures to PNG (:class:`PngWriter` in one go). Returns the paths written and, if it
+    failed, why."""
     if not figures:
         return [], None
+    writer = PngWriter()
     try:
-        import kaleido
-    except ImportError:
-        return [], "kaleido is not installed (pip install 'scaling[report]')"
-    if not os.environ.get("BROWSER_PATH"):
-        for candidate in ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"):
-            if os.access(candidate, os.X_OK):
-                os.environ["BROWSER_PATH"] = candidate
-                break
-    specs, paths = [], []
-    for f in figures:
-        path = out_dir / f"{f.name}.png"
-        fig = f.fig.to_dict()
-        fig["layout"]["width"] = FIG_WIDTH + 200  # room for the legend
-        specs.append({"fig": fig, "path": path,
-                      "opts": {"format": "png", "width": FIG_WIDTH + 200, "height": fig["layout"].get("height", FIG_HEIGHT),
-                               "scale": 2}})
-        paths.append(path)
-    import logging
-
-    # choreographer logs (and ignores) stray non-JSON lines from Chromium's pipe as tracebacks
-    pipe_log = logging.getLogger("choreographer.channels.pipe")
-    level = pipe_log.level
-    pipe_log.setLevel(logging.CRITICAL)
-    try:
-        # mathjax off: its default is a CDN, and the report must build offline
-        kaleido.write_fig_from_object_sync(specs, kopts={"mathjax": False})
-    except Exception as exc:  # no Chrome, a sandbox refusal, a timeout: the HTML still has every figure
-        return [p for p in paths if p.exists()], (
-            f"PNG figures not written ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            "install Chromium (apt-get install chromium) or set BROWSER_PATH")
+        return writer.write(figures, out_dir)
     finally:
-        pipe_log.setLevel(level)
-    return [p for p in paths if p.exists()], None
+        writer.close()

@@ -112,6 +112,45 @@ def count_cells(params: dict[str, str], overrides: list[str]) -> int:
     return total
 
 
+def covering_cells(batch: list[list[str]], is_group) -> list[int]:
+    """The cells of a multirun worth composing before any runs: every cell whose config-group
+    choices (``is_group(key)``) are a combination not seen yet, or that holds an override not seen
+    yet. For the main job that is 14 of 120 cells: one per backend, plus the first of each other
+    value. A value that cannot compose (a typo, a missing group option) is in one of them."""
+    seen_overrides: set[str] = set()
+    seen_choices: set[tuple[str, ...]] = set()
+    picked = []
+    for i, overrides in enumerate(batch):
+        choices = tuple(sorted(o for o in overrides if "=" in o and is_group(_override_key(o))))
+        if choices not in seen_choices or not seen_overrides.issuperset(overrides):
+            picked.append(i)
+            seen_choices.add(choices)
+            seen_overrides.update(overrides)
+    return picked
+
+
+def _override_key(override: str) -> str:
+    """``backend`` of ``backend=torch``, ``+backend@pkg=torch`` or ``~backend``."""
+    return override.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+
+
+def compose_covering_cells_only() -> None:
+    """Make Hydra's sweeper check a multirun by composing :func:`covering_cells` up front rather
+    than every cell (about 90 ms each; 11 s for the main job's 120 cells, which the launcher then
+    composes again one by one as it runs them). Only the driver of ``scaling sweep`` calls this,
+    for Hydra's basic sweeper (the one every study uses); a composition error that only a
+    particular pairing of values would raise then stops the sweep at that cell, not before it."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.plugins.sweeper import Sweeper
+
+    def validate_batch_is_legal(self, batch):  # noqa: ANN001, ANN202 (Hydra's signature)
+        repo = self.hydra_context.config_loader.repository
+        cells = [batch[i] for i in covering_cells([list(b) for b in batch], repo.group_exists)]
+        Sweeper.validate_batch_is_legal(self, cells)
+
+    BasicSweeper.validate_batch_is_legal = validate_batch_is_legal
+
+
 def headline(record: dict) -> str:
     """A finished cell in a few words: throughput and accuracy, or what a comm cell measured."""
     m = record["metrics"]

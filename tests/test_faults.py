@@ -176,12 +176,15 @@ def test_horovod_environment_after_shutdown_names_its_version(module, cls):
     (["--cfg", "job"], 0, "backend:"),
     (["experiment=nope"], 1, "Could not find 'experiment/nope'"),
     (["train.epoch=1"], 1, "Could not override 'train.epoch'"),
+    # a typo in a later cell's value still stops the sweep before any cell runs
+    (["backend=torch,torch_ddp,nope", "devices=1,2"], 1, "Could not find 'backend/nope'"),
 ])
 def test_sweep_answers_flags_and_typos_like_run(tmp_path, args, code, says):
     proc = scaling("sweep", *args, cwd=tmp_path, timeout=120)
     assert proc.returncode == code, proc.stderr[-2000:]
     assert says in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert ": running" not in proc.stderr  # no cell started
 
 
 def test_only_a_composing_sweep_without_flags_goes_to_slurm():

@@ -120,6 +120,13 @@ def test_report_says_what_is_missing(tmp_path, case, capsys):
         assert phrase in text, phrase
 
 
+def test_without_a_browser_the_report_says_so_and_still_writes_the_page(tmp_path, monkeypatch):
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-chromium"))
+    rep = report.build(LOCAL_CPU, tmp_path / "out", png=True, bootstrap=0)
+    assert rep.pngs == [] and rep.html_path.is_file()
+    assert any(p.startswith("PNG figures not written (ChromeNotFoundError") for p in rep.problems), rep.problems
+
+
 # -- needs Chromium -------------------------------------------------------------------------------
 
 needs_chromium = pytest.mark.skipif(not CHROMIUM, reason="needs Chromium (apt-get install chromium)")
@@ -138,6 +145,16 @@ def test_png_figures(tmp_path):
         width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
         assert width >= 1800 and height >= 800  # scale 2
         assert p.stat().st_size > 50_000  # a drawn figure, not an empty canvas
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_a_png_writer_that_is_given_nothing_lets_its_browser_go():
+    from scaling.report_figures import PngWriter
+
+    writer = PngWriter()  # Chromium starts in the background
+    writer.close()  # as a report that failed before its figures does
+    assert not writer._thread.is_alive()
 
 
 @pytest.fixture

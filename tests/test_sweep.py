@@ -195,3 +195,22 @@ def test_cells_are_counted_as_the_multirun_makes_them():
     assert count_cells(params, []) == 18
     assert count_cells(params, ["backend=torch_ddp", "train.epochs=1"]) == 6  # the command line wins
     assert count_cells({}, ["devices=1,2,4"]) == 3
+
+
+def test_the_sweep_composes_up_front_one_cell_per_group_choice_and_each_new_value():
+    import itertools
+
+    from scaling.sweep import covering_cells
+
+    backends = ["torch", "tf", "torch_ddp", "horovod_torch"]
+    batch = [[f"repeat={r}", f"backend={b}", f"devices={d}", f"variant={v}", "workload=mlp"]
+             for r, b, d, v in itertools.product(range(3), backends, (1, 2), ("defaults", "tuned"))]
+    picked = covering_cells(batch, lambda key: key in ("backend", "workload"))
+    chosen = [batch[i] for i in picked]
+    assert len(picked) == 8  # one per backend, plus the first cell with each other value not seen yet
+    assert {o for cell in chosen for o in cell} == {o for cell in batch for o in cell}  # every value
+    assert {c[1] for c in chosen} == {f"backend={b}" for b in backends}  # every group choice
+    # two group axes: every combination of their choices, not just every choice
+    batch = [[f"backend={b}", f"workload={w}"] for b, w in itertools.product(backends, ("mlp", "cnn"))]
+    assert covering_cells(batch, lambda key: key in ("backend", "workload")) == list(range(8))
+    assert covering_cells([["+backend@x=torch"], ["~backend"]], lambda key: key == "backend") == [0, 1]
