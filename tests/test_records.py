@@ -47,11 +47,17 @@ def test_valid_ok_and_failed_records(tmp_path):
     lambda r: r.update(status="ok", metrics=None),
 ])
 def test_invalid_records_rejected_and_not_written(tmp_path, mutate):
+    import jsonschema
+
     rec = _record()
     mutate(rec)
-    with pytest.raises(records.RecordError):
+    with pytest.raises(records.RecordError) as caught:
         records.write_record(rec, tmp_path)
     assert not list(tmp_path.rglob("*.json"))
+    try:  # the schema violation named is the one jsonschema.validate raises
+        jsonschema.validate(rec, records.RECORD_SCHEMA)
+    except jsonschema.ValidationError as exc:
+        assert str(caught.value).endswith(f": {exc.message}")
 
 
 def test_failed_write_leaves_no_partial_file(tmp_path):
