@@ -381,14 +381,3 @@ class PngWriter:
                 pass
             self._thread.join(30)
 
-
-def write_pngs(figures: list[Figure], out_dir: Path) -> tuple[list[Path], str | None]:
-    """Render figures to PNG (:class:`PngWriter` in one go). Returns the paths written and, if it
-    failed, why."""
-    if not figures:
-        return [], None
-    writer = PngWriter()
-    try:
-        return writer.write(figures, out_dir)
-    finally:
-        writer.close()
