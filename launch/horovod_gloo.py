@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 
+from scaling.launch import warm
 from scaling.launch.horovod_slurm import host_plan
 
 
@@ -48,6 +49,18 @@ def _stop(procs: list[subprocess.Popen]) -> None:
         p.wait()
 
 
+def _start(server: "warm.Client | None", command: list[str], env: dict[str, str]):
+    """One rank: forked warm by the server when there is one and it can, else a fresh process."""
+    parsed = warm.module_argv(command)
+    if server is not None and parsed is not None and parsed[0] == warm.WORKER:
+        try:
+            sys.stdout.flush()
+            return server.start(parsed[0], parsed[1], env, output=sys.stdout.fileno())
+        except OSError:
+            pass
+    return subprocess.Popen(command, env=env)
+
+
 def run(np_: int, command: list[str]) -> int:
     from horovod.runner.http.http_server import RendezvousServer
 
@@ -61,9 +74,12 @@ def run(np_: int, command: list[str]) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop_on_signal)
+    server = warm.connect()  # the study's launcher may hold the ranks' framework imported already
     try:
         for slot in plan:
-            procs.append(subprocess.Popen(command, env={**os.environ, **rank_env(slot, port)}))
+            env = {**os.environ, **rank_env(slot, port)}
+            env.pop(warm.SOCKET, None)
+            procs.append(_start(server, command, env))
         while True:
             codes = [p.poll() for p in procs]
             failed = [c for c in codes if c not in (None, 0)]

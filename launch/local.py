@@ -37,8 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scaling.launch import launchers
+from scaling.launch import launchers, warm
 from scaling import cell_time, rank_clock, records, sinks, tracking
+from scaling.config import runs_on
+from scaling.process import die_with_parent_preexec
 from scaling.naming import default_run_id
 from scaling.tracking import WHERE_NOTES
 
@@ -85,26 +87,16 @@ def _pump(proc: _Proc, log, echo_all: bool = True) -> None:
         proc.ended.set()
 
 
-def _resolve_prctl():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-#: resolved here, in the parent: the child between fork and exec only calls it (this process runs
-#: threads, W&B's among them, so the child must not import or load anything there)
-_PRCTL = _resolve_prctl()
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL it when this launcher dies, however it dies (torchrun and
-    horovodrun do not stop their workers when their parent is SIGKILLed; the workers then follow
-    their own parent, see scaling.process.die_with_parent)."""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+def _start(framework: str | None, argv: list[str], env: dict[str, str]) -> Any:
+    """One process of the run: a worker forked warm from its framework's server
+    (``scaling.launch.warm``), else a fresh one; a framework launcher (Horovod's) is told the
+    server, so that it can start its ranks warm."""
+    process = warm.start(framework, argv, env)
+    if process is not None:
+        return process
+    env = warm.launcher_env(framework, argv, env)
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, preexec_fn=die_with_parent_preexec)
 
 
 def _alive(pid: int) -> bool:
@@ -199,10 +191,9 @@ def launch(cfg: dict[str, Any]) -> dict:
     rank0: dict[str, Any] = {}  # rank 0's marks and history rows, from its report
     with open(log_path, "w") as log:
         try:
+            framework = runs_on(cfg["backend"]).get("framework")
             for argv, extra in worker_commands(cfg, config_path):
-                popen = subprocess.Popen(argv, env=env | extra, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                         text=True, start_new_session=True, preexec_fn=_die_with_parent)
-                procs.append(_Proc(popen))
+                procs.append(_Proc(_start(framework, argv, env | extra)))
             ended = threading.Event()
             for proc in procs:  # threads only after every fork
                 proc.ended = ended

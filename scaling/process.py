@@ -36,6 +36,28 @@ def announce(phase: str = "starting") -> None:
                               {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "phase": phase})
 
 
+def _resolve_prctl():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+#: resolved at import, in the parent: a child between fork and exec only calls it (a launcher runs
+#: threads, W&B's among them, so its child must not import or load anything there)
+_PRCTL = _resolve_prctl()
+
+
+def die_with_parent_preexec() -> None:
+    """A launcher's ``preexec_fn``: SIGKILL the child when the launcher dies, however it dies
+    (torchrun and horovodrun do not stop their workers when their parent is SIGKILLed; the workers
+    then follow their own parent, see :func:`die_with_parent`)."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def die_with_parent() -> None:
     """Ask Linux to SIGKILL this worker when its parent (launcher, torchrun, horovodrun) dies, so a
     killed sweep driver leaves no orphan training behind."""

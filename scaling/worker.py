@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from scaling.launch import slurm_env
+from scaling.launch import slurm_env, warm
 from scaling.cell_time import Marks
 from scaling import config as config_mod
 from scaling import records, settings, sinks, tracking
@@ -32,7 +32,8 @@ def run_conditions(cfg: dict, env: dict, pinned: list[int] | None, backend: Any)
     return {"threads": env.get("threads", cfg.get("threads")), "placement": cfg.get("placement", "default"),
             "pinned": pinned is not None,
             "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "evaluation": getattr(backend, "evaluation", "unrecorded")}
+            "evaluation": getattr(backend, "evaluation", "unrecorded"),
+            "start": warm.started()}
 
 
 def run(cfg: dict[str, Any]) -> dict:
@@ -163,6 +164,11 @@ def _figures(meter: Measurement, backend: Any, geometry: Any, process_start: flo
              tracker_start_s: float | None, rank: int) -> tuple[dict | None, str | None]:
     """(metrics, None) of a run that trained and measured, or (None, why not)."""
     metrics = meter.result(process_start)
+    import_s = warm.started().get("import_s")
+    if import_s and metrics["startup_s"] is not None:
+        # a warm-started worker found its framework imported: the seconds its server spent on that
+        # count, so startup_s stays what a fresh process takes
+        metrics["startup_s"] += float(import_s)
     metrics["steps_per_epoch"] = backend.steps_per_epoch
     metrics["per_device_batch"] = geometry.per_device_batch
     metrics["lr"] = geometry.lr

@@ -72,6 +72,9 @@ def test_workers_train_in_sync(tmp_path, mnist_cache, backend, workload, devices
     digests = [d for r in rec["ranks"] for d in r["param_digests"]]
     assert len(digests) == devices and len(set(digests)) == 1, rec["ranks"]
     assert m["ranks_in_sync"] is (True if devices > 1 else None)  # one replica: nothing to compare
+    # forked from a server holding the framework imported (Horovod's ranks through horovod_gloo)
+    assert m["conditions"]["start"]["mode"] == "warm", m["conditions"]
+    assert m["startup_s"] >= m["conditions"]["start"]["import_s"] > 0
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
