@@ -58,6 +58,9 @@ LAUNCHERS = ("scaling.launch.horovod_gloo",)
 PER_RUN = ("SCALING_RUN_DIR", "SCALING_LAUNCH_TIME", "SCALING_TRACKER_GATE", "RANK", "WORLD_SIZE",
            "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR",
            "MASTER_PORT", "TF_CONFIG", STARTED, SOCKET)
+#: so are W&B's variables, which the launcher's W&B service sets once it starts (only W&B reads
+#: them, and no framework imports W&B)
+PER_RUN_PREFIXES = ("WANDB_",)
 #: servers held at once (each holds its framework's imports: a few hundred MB)
 MAX_SERVERS = 4
 #: how long a server may take to import its framework before its workers start cold
@@ -414,7 +417,7 @@ _LOCK = threading.Lock()
 
 def import_env(env: dict[str, str]) -> dict[str, str]:
     """The part of a worker's environment a framework's import may read."""
-    return {k: v for k, v in env.items() if k not in PER_RUN}
+    return {k: v for k, v in env.items() if k not in PER_RUN and not k.startswith(PER_RUN_PREFIXES)}
 
 
 def server_for(framework: str | None, env: dict[str, str]) -> Server | None:

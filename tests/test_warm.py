@@ -95,6 +95,8 @@ def test_a_warm_worker_is_stopped_like_a_cold_one_and_dies_with_its_server(serve
 def test_one_server_per_framework_and_import_time_environment(server, monkeypatch):
     srv, env = server
     assert warm.server_for("probe", {**env, "RANK": "1", "MASTER_PORT": "1234", "TF_CONFIG": "{}"}) is srv
+    # the launcher's W&B service sets its variables after the first cell started: still one server
+    assert warm.server_for("probe", {**env, "WANDB_SERVICE": "3-1-unix-/tmp/s", "WANDB_DIR": "/tmp/r"}) is srv
     threads = warm.server_for("probe", {**env, "OMP_NUM_THREADS": "1"})
     assert threads is not None and threads is not srv  # read at import (OpenMP, OpenBLAS): another server
     assert warm.server_for("no such framework", env) is None
