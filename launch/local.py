@@ -191,7 +191,7 @@ def launch(cfg: dict[str, Any]) -> dict:
     rank0: dict[str, Any] = {}  # rank 0's marks and history rows, from its report
     with open(log_path, "w") as log:
         try:
-            framework = runs_on(cfg["backend"]).get("framework")
+            framework = runs_on(cfg["backend"]).get("framework") if warm.suits(cfg) else None
             for argv, extra in worker_commands(cfg, config_path):
                 procs.append(_Proc(_start(framework, argv, env | extra)))
             ended = threading.Event()

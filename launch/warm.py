@@ -20,7 +20,7 @@ variables that differ between runs and ranks, :data:`PER_RUN`, are read only whe
 sets up its process group, never at import), so a server never hands a worker an import made
 under other thread settings. Servers live as long as the launcher's process (a sweep), at most
 :data:`MAX_SERVERS` at once. A worker that could not be started warm starts cold; so does every
-worker with ``SCALING_WARM_START=0``. The record says which (``metrics.conditions.start``); the
+worker with ``SCALING_WARM_START=0``, and every GPU worker (:func:`suits`). The record says which (``metrics.conditions.start``); the
 seconds the server spent importing are added to the run's ``startup_s``, which thus stays what a
 fresh process would take.
 """
@@ -72,6 +72,14 @@ PRELOAD = {"torch": ("torch", "torch._dynamo"), "tf": ("tensorflow",)}
 
 def enabled() -> bool:
     return os.environ.get(ENABLE, "1") not in ("0", "")
+
+
+def suits(cfg: dict) -> bool:
+    """Whether a run's workers may start warm: CPU workers only. A framework may touch the CUDA
+    driver while it is imported or first asked about devices (``torch.cuda.is_available()``), and
+    a process forked after that cannot use CUDA; GPU workers start cold."""
+    device = cfg.get("device", "auto")
+    return device == "cpu" or (device == "auto" and not os.path.exists("/dev/nvidiactl"))
 
 
 def module_argv(argv: list[str]) -> tuple[str, list[str]] | None:

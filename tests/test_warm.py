@@ -129,3 +129,12 @@ def test_a_killed_server_takes_its_workers_and_the_next_request_gets_a_new_one(s
     assert again is not None and again is not srv and again.proc.poll() is None
     fresh = again.client.start("probe_mod", [], env)
     assert fresh.wait(timeout=30) == 0
+
+
+def test_only_cpu_workers_start_warm(monkeypatch):
+    """A process forked after its parent touched the CUDA driver cannot use CUDA: GPU runs start cold."""
+    assert warm.suits({"device": "cpu"}) and not warm.suits({"device": "cuda"})
+    monkeypatch.setattr(warm.os.path, "exists", lambda path: path == "/dev/nvidiactl")
+    assert not warm.suits({"device": "auto"})
+    monkeypatch.setattr(warm.os.path, "exists", lambda path: False)
+    assert warm.suits({"device": "auto"})
