@@ -8,11 +8,12 @@ process per worker with its ``TF_CONFIG`` (TF MultiWorkerMirrored), Horovod's gl
 (single-device backends, TF Mirrored over N devices). ``SCALING_FRAMEWORK_LAUNCHERS=1`` runs the
 torchrun and horovodrun programs themselves instead (slower to start, the same ranks).
 
-Every worker runs ``python -m scaling.worker --config <run dir>/config.json``, announces itself
-in ``rank<r>.pid.json`` and reports in ``rank<r>.exit.json``. A rank whose process is gone without
-a report is dead: the launcher then stops every other worker (SIGTERM, then SIGKILL), so a killed
-worker ends the run in seconds rather than at a collective's timeout, and writes a ``failed``
-record naming the dead rank.
+Every worker runs ``python -m scaling.worker --config <run dir>/config.json``: on CPUs forked
+from a server that holds its framework imported (``scaling.launch.warm``), else as a fresh
+interpreter. It announces itself in ``rank<r>.pid.json`` and reports in ``rank<r>.exit.json``.
+A rank whose process is gone without a report is dead: the launcher then stops every other
+worker (SIGTERM, then SIGKILL), so a killed worker ends the run in seconds rather than at a
+collective's timeout, and writes a ``failed`` record naming the dead rank.
 
 The launcher also holds the cell's W&B run (``logger=wandb``): it starts it while the workers
 import and build, rank 0 waits for that start before its first step and keeps the run's history
