@@ -325,15 +325,14 @@ class Client:
                 os.close(w)
                 w = -1
                 deadline = time.monotonic() + 30
-                while True:
+                message = None
+                while message is None:  # the answer, past the exit notes of earlier workers
                     left = deadline - time.monotonic()
-                    message = self._receive(max(left, 0)) if left > 0 else None
-                    if message is not None:
-                        message = self._take(message)
-                    if message is not None:
-                        break
                     if self.closed or left <= 0:
                         raise OSError("the warm-start server did not answer")
+                    message = self._receive(left)
+                    if message is not None:
+                        message = self._take(message)
             if "pid" not in message:
                 raise OSError(f"the warm-start server could not start the worker: {message.get('error')}")
             return WarmProcess(self, int(message["pid"]), open(r, "r", errors="replace") if r >= 0 else None)
