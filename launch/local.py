@@ -41,7 +41,7 @@ from typing import Any
 from scaling.launch import launchers, warm
 from scaling import cell_time, rank_clock, records, sinks, tracking
 from scaling.config import runs_on
-from scaling.process import die_with_parent_preexec
+from scaling.process import die_with_parent
 from scaling.naming import default_run_id
 from scaling.tracking import WHERE_NOTES
 
@@ -97,7 +97,7 @@ def _start(framework: str | None, argv: list[str], env: dict[str, str]) -> Any:
         return process
     env = warm.launcher_env(framework, argv, env)
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, preexec_fn=die_with_parent_preexec)
+                            start_new_session=True, preexec_fn=die_with_parent)
 
 
 def _alive(pid: int) -> bool:

@@ -41,7 +41,8 @@ import tempfile
 import threading
 import time
 
-from scaling.process import die_with_parent, die_with_parent_preexec
+from scaling.geometry import on_gpu
+from scaling.process import die_with_parent
 
 #: set to 0: start every worker cold (a fresh interpreter that imports its framework itself)
 ENABLE = "SCALING_WARM_START"
@@ -78,8 +79,7 @@ def suits(cfg: dict) -> bool:
     """Whether a run's workers may start warm: CPU workers only. A framework may touch the CUDA
     driver while it is imported or first asked about devices (``torch.cuda.is_available()``), and
     a process forked after that cannot use CUDA; GPU workers start cold."""
-    device = cfg.get("device", "auto")
-    return device == "cpu" or (device == "auto" and not os.path.exists("/dev/nvidiactl"))
+    return not on_gpu(cfg)
 
 
 def module_argv(argv: list[str]) -> tuple[str, list[str]] | None:
@@ -374,7 +374,7 @@ class Server:
                                       "--preload", ",".join(modules)],
                                      env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=die_with_parent_preexec)
+                                     preexec_fn=die_with_parent)
         self.client: Client | None = None
         self.error: str | None = None
         line = _read_line(self.proc.stdout, READY_TIMEOUT_S)

@@ -28,6 +28,13 @@ class Geometry:
         return self.base_lr + (self.lr - self.base_lr) * (step + 1) / self.lr_warmup_steps
 
 
+def on_gpu(cfg: dict) -> bool:
+    """Whether a run's workers drive GPUs: ``device=cuda``, or ``auto`` on a machine with NVIDIA's
+    driver."""
+    device = cfg.get("device", "auto")
+    return device == "cuda" or (device == "auto" and os.path.exists("/dev/nvidiactl"))
+
+
 def plan(cfg: dict) -> Geometry:
     """The geometry a config asks for; GeometryError (with the fix) when it cannot be met."""
     devices = int(cfg.get("devices", 1)) * int(cfg.get("cluster", {}).get("nodes", 1))

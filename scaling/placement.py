@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import threading
 
-from scaling.geometry import cpu_share
+from scaling.geometry import cpu_share, on_gpu
 from scaling.protocol import Observer
 
 PLACEMENTS = ("core", "compute", "none")
@@ -76,8 +76,7 @@ class Placement(Observer):
     def __init__(self, cfg: dict, local_rank: int, local_world: int, warmup_steps: int = 0) -> None:
         self.mode = mode(cfg)
         self.node = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-        gpu = cfg["device"] == "cuda" or (cfg["device"] == "auto" and os.path.exists("/dev/nvidiactl"))
-        self.skipped = "GPU worker" if gpu else ("not Linux" if not self.node else None)
+        self.skipped = "GPU worker" if on_gpu(cfg) else ("not Linux" if not self.node else None)
         self.cores = None if self.skipped or self.mode == "none" else block(cfg, local_rank, local_world, self.node)
         self.main = threading.main_thread().native_id
         self.warmup_steps, self._steps, self._settled_after_warmup = warmup_steps, 0, False

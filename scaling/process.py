@@ -50,24 +50,14 @@ def _resolve_prctl():
 _PRCTL = _resolve_prctl()
 
 
-def die_with_parent_preexec() -> None:
-    """A launcher's ``preexec_fn``: SIGKILL the child when the launcher dies, however it dies
-    (torchrun and horovodrun do not stop their workers when their parent is SIGKILLed; the workers
-    then follow their own parent, see :func:`die_with_parent`)."""
+def die_with_parent() -> None:
+    """SIGKILL this process when its parent dies, however it dies: a worker when its launcher
+    (the study's, torchrun, horovodrun, a warm-start server) dies, so a killed sweep driver leaves
+    no orphan training behind. Also a launcher's ``preexec_fn``: ``prctl`` was resolved at import,
+    so a child between fork and exec only calls it. Not Linux: nothing (the launcher's own cleanup
+    still applies)."""
     if _PRCTL is not None:
         _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this worker when its parent (launcher, torchrun, horovodrun) dies, so a
-    killed sweep driver leaves no orphan training behind."""
-    try:
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the launcher's own cleanup still applies
-        pass
 
 
 def leave(code: int, timeout: float = 30.0) -> None:

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator
 
 from scaling import comm, records
 from scaling.config import runs_on
+from scaling.geometry import on_gpu
 from scaling.protocol import Observer
 
 from scaling.secrets import REDACTED, _netrc_key, known_secrets, scrub_secrets  # noqa: F401  (re-exported)
@@ -311,8 +312,7 @@ def wanted(cfg: dict) -> bool:
 
 def run_tags(cfg: dict) -> list[str]:
     """What a cell is, as W&B tags to filter by: backend, framework, device kind, variant, workload."""
-    device = cfg.get("device", "auto")
-    kind = "gpu" if device == "cuda" or (device == "auto" and os.path.exists("/dev/nvidiactl")) else "cpu"
+    kind = "gpu" if on_gpu(cfg) else "cpu"
     backend = cfg.get("backend") or {}
     return [str(t) for t in (backend.get("name"), runs_on(backend).get("framework"), kind, cfg.get("variant") or "defaults",
                              (cfg.get("workload") or {}).get("name")) if t]
