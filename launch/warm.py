@@ -143,6 +143,9 @@ def _child(request: dict, out_fd: int, close: list[int], started: str) -> None:
             except OSError:
                 pass
         os.setsid()
+        main = threading.main_thread()
+        if getattr(main, "native_id", None) != threading.get_native_id() and hasattr(main, "_set_native_id"):
+            main._set_native_id()  # Python 3.11 keeps the server's thread id after fork (placement pins by it)
         die_with_parent()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)

@@ -24,6 +24,7 @@ PROBE = textwrap.dedent('''
         time.sleep(120)
     print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ),
                       "session": os.getsid(0) == os.getpid(), "threads": threading.active_count(),
+                      "main_tid": threading.main_thread().native_id == threading.get_native_id(),
                       "preloaded": "colorsys" in sys.modules, "name": __name__}))
     print("to stderr", file=sys.stderr)
     atexit_note = os.environ.get("PROBE_NOTE")
@@ -75,6 +76,7 @@ def test_a_forked_worker_is_the_process_a_cold_start_gives(server, tmp_path):
     assert seen["env"]["ONLY_HERE"] == "1" and "SCALING_WARM_STARTED" in seen["env"]
     assert set(seen["env"]) == set(env) | {"ONLY_HERE", "PROBE_CODE", "PROBE_NOTE", warm.STARTED}
     assert seen["session"] and seen["threads"] == 1 and seen["preloaded"]
+    assert seen["main_tid"]  # the main thread's id is the child's own (placement pins the thread by it)
     assert "to stderr" in out and "atexit ran" in out  # stderr on the same pipe; the exit steps ran
     assert json.loads(seen["env"][warm.STARTED])["modules"] == ["colorsys"]
 
