@@ -1,8 +1,8 @@
 """Per-rank timestamps of the timed steps, and what they say about waiting for the slowest rank.
 
 Every rank keeps, per timed step (warm-up excluded), when it began the step and when the step
-ended, and, where the backend exposes its collective (the reference loops' one flat all-reduce,
-on a host-synchronous path), when it reached the collective and when it left it. The launcher
+ended, and, where the backend can mark its collective (below), when it reached the collective and
+when it left it. The launcher
 merges the ranks' series (``merge``) into the record's ``metrics.rank_clock``:
 
 - **waiting**: per step, how long each rank sat in the collective before the last rank reached
@@ -13,19 +13,26 @@ merges the ranks' series (``merge``) into the record's ``metrics.rank_clock``:
 - **skew**: the spread of the ranks' step starts and ends (one host only) and of their arrivals;
   and each rank's own median step, so the slowest rank shows even where waiting cannot.
 
-A backend whose collective runs inside the framework (DDP's bucketed hooks, Horovod's
-DistributedOptimizer, tf.distribute), or on CUDA where the host does not see when the device
-reaches the collective, has no arrival marks: its waiting is not separable and ``merge`` says so.
-No framework is imported here.
+Where the collective runs inside the framework, the backend marks it from the framework's side
+without changing its path: the PyTorch backends when backward has accumulated the rank's last
+gradient and when the framework has finished the all-reduce (``torch_common.GradientArrival``), the
+TensorFlow ones with timestamps traced into the step (``tf_common.Stamps``; ``tf_multiworker``,
+whose Keras optimizer reduces out of sight, marks reaching the collective only, which is all one
+host needs). On CUDA (the host does not see when the device reaches the collective), with several
+replicas in one process, or with several steps per call, there are no marks: the waiting is not
+separable and ``merge`` says so. No framework is imported here.
 """
 from __future__ import annotations
 
 import socket
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Union
 
 from scaling.protocol import Observer
+
+#: a timestamp: ns of the rank's clock, or a function returning them (or None) when the run ends
+Stamp = Union[int, Callable[[], Optional[int]]]
 
 #: at most this many timed steps are kept per rank (the last ones), so the reports stay small
 KEEP_STEPS = 4096
@@ -44,8 +51,8 @@ class RankClock(Observer):
         self.marked = False  # whether the backend calls collective_begin / collective_end
         self.start: list[int] = []
         self.end: list[int] = []
-        self.reached: list[int | None] = []
-        self.left: list[int | None] = []
+        self.reached: list[Stamp | None] = []
+        self.left: list[Stamp | None] = []
 
     def attach(self, backend: Any) -> bool:
         """Let the backend mark its collective (``backend.mark_collective(begin, end)``, where it
@@ -57,11 +64,14 @@ class RankClock(Observer):
     def step_begin(self) -> None:
         self._start, self._reached, self._left = self._clock(), None, None
 
-    def collective_begin(self) -> None:
-        self._reached = self._clock()
+    def collective_begin(self, at: Stamp | None = None) -> None:
+        """This rank reached the collective now, or at ``at``: ns of this clock, or a function
+        returning them (or None) when the run ends, where the backend stamps the moment inside its
+        step and reading it there would cost (``tf_common.Stamps``)."""
+        self._reached = self._clock() if at is None else at
 
-    def collective_end(self) -> None:
-        self._left = self._clock()
+    def collective_end(self, at: Stamp | None = None) -> None:
+        self._left = self._clock() if at is None else at
 
     def advance(self, steps: int) -> None:
         end = self._clock()
@@ -83,14 +93,20 @@ class RankClock(Observer):
         """What this rank reports to the launcher (its exit report's ``rank_clock``)."""
         return {"host": socket.gethostname(), "clock": "monotonic_ns", "sync_every": sync_every,
                 "collective_marked": self.marked, "start": self.start, "end": self.end,
-                "reached": self.reached if self.marked else None, "left": self.left if self.marked else None}
+                "reached": _read(self.reached) if self.marked else None,
+                "left": _read(self.left) if self.marked else None}
+
+
+def _read(stamps: list) -> list[int | None]:
+    """The stamps as ns, those read only now (functions) included."""
+    return [s() if callable(s) else s for s in stamps]
 
 
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def waiting_per_step(reached: list[list[int]], left: list[list[int]], one_host: bool) -> list[list[float]]:
+def waiting_per_step(reached: list[list[int]], left: list[list[int]] | None, one_host: bool) -> list[list[float]]:
     """Seconds each rank (rows) waited in the collective at each step (columns) for the last rank."""
     steps = range(len(reached[0]))
     if one_host:
@@ -99,6 +115,19 @@ def waiting_per_step(reached: list[list[int]], left: list[list[int]], one_host: 
     inside = [[lo - re for re, lo in zip(r, lv)] for r, lv in zip(reached, left)]
     shortest = [min(x[i] for x in inside) for i in steps]
     return [[(x[i] - shortest[i]) / 1e9 for i in steps] for x in inside]
+
+
+#: slack for marks read from a framework's clock (TensorFlow's has microsecond resolution), ns
+MARK_SLACK_NS = 2000
+
+
+def _outside(t: dict, has_left: bool) -> int:
+    """How many of a rank's marks fall outside their own step (start <= reached <= left <= end)."""
+    slack, bad = MARK_SLACK_NS, 0
+    for i, (b, e, r) in enumerate(zip(t["start"], t["end"], t["reached"])):
+        left = t["left"][i] if has_left else r
+        bad += not (b - slack <= r <= left + slack and left <= e + slack)
+    return bad
 
 
 def spread(per_rank: list[list[int]]) -> list[float]:
@@ -123,7 +152,7 @@ def merge(exits: list[dict], backend: str = "this backend") -> dict[str, Any] | 
     out: dict[str, Any] = {"ranks": len(clocks), "hosts": len(hosts), "steps": steps, "waiting_s": None,
                            "waiting_per_rank_s": None, "arrival_skew_s": None, "in_collective_s": None,
                            "start_skew_s": None, "end_skew_s": None, "step_per_rank_s": None, "method": None,
-                           "note": None}
+                           "marks_outside_step": None, "note": None}
     if steps == 0:
         out["note"] = "no timed step on some rank: nothing to compare"
         return out
@@ -140,18 +169,31 @@ def merge(exits: list[dict], backend: str = "this backend") -> dict[str, Any] | 
                        "(sync_every > 1), so the host timestamps are dispatch times")
         return out
     marked = all(c.get("collective_marked") for c in clocks) and all(
-        t["reached"] is not None and None not in t["reached"] and None not in t["left"] for t in tail)
+        t["reached"] is not None and None not in t["reached"] for t in tail)
     if not marked:
-        out["note"] = (f"waiting not separable for {backend}: its collective runs inside the framework "
-                       "(or on the device), where no rank can mark when it reached it")
+        out["note"] = (f"waiting not separable for {backend}: no rank could mark when it reached the "
+                       "collective (on the device, several replicas or steps per process call)")
         return out
-    reached, left = [t["reached"] for t in tail], [t["left"] for t in tail]
+    has_left = all(t["left"] is not None and None not in t["left"] for t in tail)
+    out["marks_outside_step"] = outside = sum(_outside(t, has_left) for t in tail)
+    if outside:
+        out["note"] = (f"waiting not trusted for {backend}: {outside} collective marks fall outside their "
+                       "steps (a clock stepped during the run?)")
+        return out
+    if not one_host and not has_left:
+        out["note"] = (f"waiting not separable for {backend} across hosts: its ranks mark when they reach "
+                       "the collective but not when they leave it, and hosts share no clock")
+        return out
+    reached = [t["reached"] for t in tail]
+    left = [t["left"] for t in tail] if has_left else None
     waits = waiting_per_step(reached, left, one_host)
-    inside = [[(lo - re) / 1e9 for re, lo in zip(r, lv)] for r, lv in zip(reached, left)]
     out.update(waiting_s=_median(_rank_means(waits)), waiting_per_rank_s=[_median(w) for w in waits],
-               in_collective_s=_median(_rank_means(inside)),
                method=("arrival timestamps (one host, CLOCK_MONOTONIC)" if one_host else
-                       "each rank's time in the collective less the shortest of that step (ranks on several hosts)"))
+                       "each rank's time in the collective less the shortest one of that step "
+                       "(ranks on several hosts)"))
+    if left is not None:
+        inside = [[(lo - re) / 1e9 for re, lo in zip(r, lv)] for r, lv in zip(reached, left)]
+        out["in_collective_s"] = _median(_rank_means(inside))
     if one_host:
         out["arrival_skew_s"] = _median(spread(reached))
     return out

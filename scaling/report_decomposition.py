@@ -129,8 +129,8 @@ def section(loaded: analysis.Loaded, cells: pd.DataFrame, comm_rows: pd.DataFram
              "<p>Each cell's step (global batch / samples/s, median over repeats) split into <b>compute</b> (the same "
              "backend's N=1 step; strong scaling: scaled by the per-device batch), <b>transfer</b> (the all-reduce of "
              "the gradient at this N from <code>scaling comm</code>), <b>waiting</b> for the slowest rank (per-rank "
-             "timestamps around the collective, where the backend's collective can be marked: the reference loops on "
-             "CPU) and <b>overhead</b>, what is left (negative when overlap hid communication; the bar then shows 0 "
+             "timestamps around the collective, where the backend's collective can be marked: every multi-process "
+             "backend on CPU) and <b>overhead</b>, what is left (negative when overlap hid communication; the bar then shows 0 "
              "and the table says how much was hidden). The <b>ideal floor</b> is compute + transfer (and "
              "max(compute, transfer) with full overlap); the <b>practical floor</b> is the reference loop over the "
              "same library at the same N.</p>"]

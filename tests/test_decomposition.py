@@ -168,6 +168,27 @@ def test_rank_clock_keeps_timed_steps_and_the_collective_marks():
     assert not rank_clock.RankClock(0).attach(object())  # no hook: nothing marked
 
 
+def test_rank_clock_reads_stamps_given_as_functions_when_the_run_ends():
+    clock = rank_clock.RankClock(warmup_steps=0, clock=Ticks())
+    read = []
+
+    def later(ns):
+        def value():
+            read.append(ns)
+            return ns
+        return value
+
+    clock.marked = True
+    for at in (15, 55):
+        clock.step_begin()
+        clock.collective_begin(later(at))
+        clock.collective_end(lambda: None)  # stamped as not marked
+        clock.advance(1)
+    assert read == []  # nothing read inside the steps
+    s = clock.series()
+    assert s["reached"] == [15, 55] and s["left"] == [None, None] and read == [15, 55]
+
+
 def test_rank_clock_under_the_protocol_times_the_same_steps_as_the_measurement():
     from scaling.protocol import Measurement, ProtocolConfig
 
@@ -211,6 +232,40 @@ def test_waiting_across_hosts_uses_time_in_the_collective():
     m = rank_clock.merge(exits)
     assert m["waiting_per_rank_s"] == pytest.approx([200e-9, 0.0]) and m["start_skew_s"] is None
     assert "several hosts" in m["method"]
+
+
+def test_arrival_marks_alone_give_waiting_on_one_host_only():
+    # tf_multiworker marks reaching the collective; Keras' optimizer leaves it out of sight
+    one = rank_clock.merge([exit_report(0, "h", [0], [100], None), exit_report(1, "h", [0], [130], None)], "tf_x")
+    assert one["waiting_per_rank_s"] == pytest.approx([30e-9, 0.0]) and one["in_collective_s"] is None
+    assert one["note"] is None and one["marks_outside_step"] == 0
+    two = rank_clock.merge([exit_report(0, "a", [0], [100], None), exit_report(1, "b", [0], [130], None)], "tf_x")
+    assert two["waiting_s"] is None and "across hosts" in two["note"]
+
+
+def test_marks_outside_their_steps_are_not_trusted():
+    # rank 1's arrival 1 ms before its step began: a stamp from a clock that moved
+    exits = [exit_report(0, "h", [5_000_000], [5_000_100], [5_000_400]),
+             exit_report(1, "h", [5_000_000], [4_000_000], [5_000_400])]
+    m = rank_clock.merge(exits, "horovod_tf")
+    assert m["marks_outside_step"] == 1 and m["waiting_s"] is None and "not trusted" in m["note"]
+
+
+def test_gradient_arrival_marks_the_last_gradient_then_hooks_it_alone():
+    torch = pytest.importorskip("torch")
+    from scaling.backends.torch_common import GradientArrival
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    events = []
+    arrival = GradientArrival(model.parameters(), lambda: events.append("reached"), lambda: events.append("left"))
+    for _ in range(3):
+        model(torch.ones(1, 4)).sum().backward()
+        arrival.left()
+    # the first backward calls every parameter's hook, later ones only the last accumulated one's
+    assert events == ["reached"] * 4 + ["left"] + ["reached", "left"] * 2
+    assert arrival.last in (0, 1)  # the first layer's gradients are accumulated last
+    assert GradientArrival.on(torch.device("cpu"), 1, model.parameters(), print, print) is None  # one rank
+    assert GradientArrival.on(torch.device("meta"), 2, model.parameters(), print, print) is None  # not CPU
 
 
 def test_unmarked_collective_says_waiting_is_not_separable():

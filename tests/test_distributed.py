@@ -75,6 +75,13 @@ def test_workers_train_in_sync(tmp_path, mnist_cache, backend, workload, devices
     # forked from a server holding the framework imported (Horovod's ranks through horovod_gloo)
     assert m["conditions"]["start"]["mode"] == "warm", m["conditions"]
     assert m["startup_s"] >= m["conditions"]["start"]["import_s"] > 0
+    # every multi-process backend marks its collective for the rank clock, inside its step
+    clock = m.get("rank_clock")
+    if devices > 1 and backend != "tf_mirrored":  # Mirrored: both replicas in one process
+        assert clock["note"] is None and clock["waiting_s"] >= 0 and clock["marks_outside_step"] == 0, clock
+        assert (clock["in_collective_s"] is None) == (backend == "tf_multiworker"), clock  # Keras reduces unseen
+    else:
+        assert clock is None
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))

@@ -61,6 +61,37 @@ def test_tf_flat_all_reduce_is_one_call_and_averages_every_gradient():
     assert np.array_equal(flat_all_reduce(grads, fake_sum)[1].numpy(), [10.0, -2.0])  # no scale: the sum
 
 
+def test_tf_stamps_are_traced_between_the_gradients_and_the_step_end():
+    tf = pytest.importorskip("tensorflow")
+    import time
+
+    from scaling.backends.tf_common import Stamps
+
+    w = tf.Variable([1.0, 2.0])
+
+    def make(enabled, with_left=True):
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(w * w)
+            stamps = Stamps(enabled)
+            grads = tape.gradient(loss, [w])
+            stamps.reached(grads)
+            reduced = [g * 0.5 for g in grads]  # stands in for the all-reduce
+            if with_left:
+                stamps.left(reduced)
+            w.assign_sub(reduced[0] * 0.1)
+            return stamps.attach(loss)
+        return step
+
+    assert isinstance(make(False)(), tf.Tensor)  # disabled: the loss alone, nothing traced
+    before = time.time()
+    loss, marks = make(True)()
+    reached, left = marks.numpy()
+    assert before - 1e-3 <= reached <= left <= time.time() + 1e-3 and float(loss) > 0
+    assert make(True, with_left=False)()[1].numpy()[1] == -1  # left unmarked
+
+
 def test_tf_reference_adam_leaves_the_gradients_to_the_step():
     pytest.importorskip("tensorflow")
     import keras
@@ -82,6 +113,7 @@ os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": sys.argv[1].split(",
 import tensorflow as tf
 strategy = tf.distribute.MultiWorkerMirroredStrategy()
 import keras
+from scaling.backends.tf_common import Stamps
 from scaling.backends.tf_reference import TFReference, adam_without_aggregation
 with strategy.scope():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(2)])
@@ -91,7 +123,7 @@ with strategy.scope():
 def replica_step(x):
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(model(x))
-    grads = TFReference.replica_gradients(None, tape, loss, model.trainable_variables)
+    grads = TFReference.replica_gradients(None, tape, loss, model.trainable_variables, Stamps(True))
     optimizer.apply_gradients(zip(grads, model.trainable_variables))
 
 @tf.function
@@ -103,6 +135,7 @@ step(x)
 graph = step.get_concrete_function(x).graph.as_graph_def()
 nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
 print(json.dumps({"collectives": sum(n.op.startswith("Collective") for n in nodes),
+                  "stamps": sum(n.op == "Timestamp" for n in nodes),
                   "kernel": model.trainable_variables[0].numpy().ravel().tolist()}))
 """
 
@@ -124,7 +157,8 @@ def test_tf_reference_step_holds_one_collective_not_two():
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
-    assert [r["collectives"] for r in results] == [1, 1]
+    assert [r["collectives"] for r in results] == [1, 1]  # the rank clock's stamps add none
+    assert [r["stamps"] for r in results] == [2, 2]
     assert results[0]["kernel"] == results[1]["kernel"]  # one update from the summed gradient
 
 

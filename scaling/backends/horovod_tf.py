@@ -9,6 +9,7 @@ averaging gradients, so ranks drift apart.
 from __future__ import annotations
 
 import hashlib
+from typing import Callable
 
 from scaling import settings
 from scaling.backends import RunContext, check_one_per_device, horovod_environment, rank_seed
@@ -65,16 +66,39 @@ class HorovodTF(tf_common.DrivenSteps):
             xb, yb = tf.gather(x, idx), tf.gather(y, idx)
             with tf.GradientTape() as tape:
                 loss = loss_fn(yb, model(xb, training=True))
-            grads = self.all_reduced_gradients(tape, loss, _tf_vars(model.trainable_variables))
+            stamps = tf_common.Stamps(self.stamping)
+            grads = self.all_reduced_gradients(tape, loss, _tf_vars(model.trainable_variables), stamps)
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            return loss
+            return stamps.attach(loss)
 
         self.calls = tf_common.StepCalls(one_step, b, optimizer, g, int(steps_per_call or 1))
 
-    def all_reduced_gradients(self, tape, loss, variables) -> list:
+    def all_reduced_gradients(self, tape, loss, variables, stamps: tf_common.Stamps) -> list:
         """The gradients averaged over the ranks, traced into the step: Horovod's
-        ``DistributedGradientTape``."""
-        return self.hvd.DistributedGradientTape(tape).gradient(loss, variables)
+        ``DistributedGradientTape``. Stamped for the rank clock around the all-reduce it makes of
+        the tape's gradients (its ``_allreduce_grads``, wrapped at trace time only)."""
+        distributed = self.hvd.DistributedGradientTape(tape)
+        if stamps.enabled:
+            all_reduce = distributed._allreduce_grads
+
+            def stamped(grads, sources, *args):
+                stamps.reached(grads)
+                reduced = all_reduce(grads, sources, *args)
+                stamps.left(reduced)
+                return reduced
+
+            distributed._allreduce_grads = stamped
+        return distributed.gradient(loss, variables)
+
+    def can_stamp(self) -> bool:
+        """Horovod's tape must still reduce through ``_allreduce_grads`` for the stamps to wrap it."""
+        import tensorflow as tf
+
+        return callable(getattr(self.hvd.DistributedGradientTape(tf.GradientTape()), "_allreduce_grads", None))
+
+    def mark_collective(self, reached: Callable[..., None], left: Callable[..., None]) -> bool:
+        """Rank-clock marks traced into the step (``tf_common.Stamps``)."""
+        return self.mark_stamps(self.world, reached, left)
 
     def epoch_inputs(self, epoch: int) -> tuple:
         perm = epoch_permutation(self.n, self.ctx.seed, epoch)

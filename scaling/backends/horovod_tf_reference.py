@@ -4,13 +4,10 @@ tensor, one ``hvd.allreduce`` of it (sum), divided by the world size, split back
 The practical floor for ``horovod_tf`` (see ``scaling.backends.torch_reference``): the same
 set-up, broadcast of the initial variables, data layout, ``steps_per_call`` and tuned settings.
 
-The all-reduce is traced into the step's ``tf.function``, so the host never sees when a rank
-reaches or leaves it: marking it for the rank clock would mean running it eagerly or through
-``tf.py_function``, a change of the very cost this loop is the floor of. It is not marked.
+The all-reduce is traced into the step's ``tf.function``; the rank clock's marks are stamped
+there (``tf_common.Stamps``): when the local gradients are computed and when the reduced ones are.
 """
 from __future__ import annotations
-
-from typing import Callable
 
 from scaling import settings
 from scaling.backends import tf_common
@@ -18,14 +15,14 @@ from scaling.backends.horovod_tf import HorovodTF
 
 
 class HorovodTFReference(HorovodTF):
-    def all_reduced_gradients(self, tape, loss, variables) -> list:
+    def all_reduced_gradients(self, tape, loss, variables, stamps: tf_common.Stamps) -> list:
         hvd = self.hvd
-        return tf_common.flat_all_reduce(tape.gradient(loss, variables),
-                                         lambda flat: hvd.allreduce(flat, op=hvd.Sum, name="flat_gradient"),
-                                         1.0 / self.world)
-
-    def mark_collective(self, reached: Callable[[], None], left: Callable[[], None]) -> bool:
-        return False  # inside the compiled step: see the module's docstring
+        local = tape.gradient(loss, variables)
+        stamps.reached(local)
+        reduced = tf_common.flat_all_reduce(local, lambda flat: hvd.allreduce(flat, op=hvd.Sum, name="flat_gradient"),
+                                            1.0 / self.world)
+        stamps.left(reduced)
+        return reduced
 
     def settings_in_force(self) -> dict:
         return {"all_reduce": "one flat buffer per step (the gradients concatenated)", **settings.horovod_in_force()}

@@ -6,6 +6,8 @@ slice of every global batch. Parameters and Adam state are broadcast from rank 0
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import horovod.torch as hvd
 import torch
 
@@ -34,6 +36,22 @@ class HorovodTorch(tc.DrivenSteps):
     def distributed_optimizer(self, optimizer: torch.optim.Optimizer):
         """Horovod's DistributedOptimizer: an all-reduce per gradient as backward produces it."""
         return hvd.DistributedOptimizer(optimizer, named_parameters=self.model.named_parameters())
+
+    def mark_collective(self, reached: Callable[[], None], left: Callable[[], None]) -> bool:
+        """Rank-clock marks around Horovod's all-reduces (``torch_common.GradientArrival``): reached at
+        the last gradient's accumulation (Horovod's hook enqueues its all-reduce right after), left
+        when ``optimizer.synchronize()``, which ``step`` calls first, has waited for all of them."""
+        arrival = tc.GradientArrival.on(self.device, self.world, self.model.parameters(), reached, left)
+        if arrival is None:
+            return False
+        synchronize = self.optimizer.synchronize
+
+        def synchronized() -> None:
+            synchronize()
+            arrival.left()
+
+        self.optimizer.synchronize = synchronized  # step() calls self.synchronize()
+        return True
 
     def loss(self) -> float:
         return float(hvd.allreduce(self.steps.last_loss.detach(), op=hvd.Average, name="train_loss"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +92,10 @@ class ProtocolCallback(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.meter.step_begin()
 
+    def on_after_backward(self, trainer, pl_module):
+        if self.backend.after_backward is not None:
+            self.backend.after_backward()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.meter.step_end(1, loss=lambda: float(tc.dist_sum(outputs["loss"].detach().clone())) / trainer.world_size)
 
@@ -110,6 +115,19 @@ class LightningDDP(tc.OnTorchDevice):
         pl.seed_everything(ctx.seed, verbose=False)
         self.load_resident()
         self.model = self.build_model()
+
+    #: called when Lightning's backward returns (``GradientArrival.left``; None: not marked)
+    after_backward = None
+
+    def mark_collective(self, reached: Callable[[], None], left: Callable[[], None]) -> bool:
+        """Rank-clock marks around the all-reduce of the DDP Lightning builds, as ``torch_ddp``'s:
+        reached at the last gradient's accumulation (the module's parameters are the ones DDP wraps),
+        left at the ``on_after_backward`` callback hook, called when backward has returned."""
+        arrival = tc.GradientArrival.on(self.device, self.world, self.model.parameters(), reached, left)
+        if arrival is None:
+            return False
+        self.after_backward = arrival.left
+        return True
 
     def evaluate(self) -> tuple[float, float]:
         return tc.sharded_evaluate(self.model, self.test_x, self.test_y, self.rank, self.world, tc.dist_sum)

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import time
+from functools import partial
+from typing import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's start-up chatter out of the run's output
 
@@ -64,6 +67,42 @@ def flat_all_reduce(grads: list, all_reduce_sum, scale: float | None = None) -> 
     if scale is not None:
         flat = flat * scale
     return [tf.reshape(part, shape) for part, shape in zip(tf.split(flat, [s.num_elements() for s in shapes]), shapes)]
+
+
+class Stamps:
+    """Rank-clock marks (``scaling.rank_clock``) traced into a TF step whose all-reduce the host
+    never sees: ``tf.timestamp()`` once this rank's own gradients are computed (**reached**) and once
+    the all-reduced ones are (**left**, where the backend can see them; Keras' optimizer reduces
+    inside ``apply_gradients``, so ``tf_multiworker`` has no left mark). Each stamp has control
+    dependencies on those tensors only and nothing depends on it (``tf.function`` orders a stateful
+    op only against ops on the same resource), so the step's own ops are scheduled as without it.
+    ``attach(loss)`` returns the step's output: the loss, or with stamps (loss, [reached, left]) in
+    seconds since the epoch (TensorFlow's clock, microsecond resolution; -1 where unmarked).
+    One per traced step; disabled, it traces nothing."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._reached = self._left = None
+
+    @staticmethod
+    def _after(tensors) -> tf.Tensor:
+        deps = [t for t in tf.nest.flatten(tensors, expand_composites=True) if t is not None]
+        with tf.control_dependencies(deps):
+            return tf.timestamp()
+
+    def reached(self, local_gradients) -> None:
+        if self.enabled:
+            self._reached = self._after(local_gradients)
+
+    def left(self, reduced_gradients) -> None:
+        if self.enabled:
+            self._left = self._after(reduced_gradients)
+
+    def attach(self, loss):
+        if not self.enabled or self._reached is None:
+            return loss
+        none = tf.constant(-1.0, tf.float64)
+        return loss, tf.stack([self._reached, none if self._left is None else self._left])
 
 
 def make_evaluator(model, batch: int = 1000, rank: int = 0, world: int = 1, all_reduce_sum=None):
@@ -160,6 +199,8 @@ class StepCalls:
         self.cursor = 0
         self.inputs: tuple = ()
         self.last_loss = None
+        #: the last single-step call's ``Stamps`` output (None: the step is not stamped)
+        self.last_marks = None
 
     def begin_epoch(self, *inputs) -> None:
         self.inputs = inputs
@@ -174,9 +215,10 @@ class StepCalls:
         self.counts.add(int(n))
         start = tf.constant(self.cursor, tf.int32)
         if self.steps_per_call == 1 and n == 1:
-            self.last_loss = self.step(start, *self.inputs)
+            out = self.step(start, *self.inputs)
         else:
-            self.last_loss = self.steps(start, tf.constant(n, tf.int32), *self.inputs)
+            out = self.steps(start, tf.constant(n, tf.int32), *self.inputs)
+        self.last_loss, self.last_marks = out if isinstance(out, tuple) else (out, None)
         self.cursor += n * self.stride
 
     def evidence(self) -> dict:
@@ -194,6 +236,31 @@ class DrivenSteps:
     calls: StepCalls
     #: each rank (replica) evaluates 1/world of the test set; one device: its shard is the whole set
     evaluation = "shard"
+    #: whether the traced step carries ``Stamps`` (``mark_stamps``, before the first call)
+    stamping = False
+    _marks: tuple[Callable[..., None], Callable[..., None], int] | None = None
+
+    def mark_stamps(self, world: int, reached: Callable[..., None], left: Callable[..., None]) -> bool:
+        """Have the step stamp its collective for the rank clock, where the stamps mean what they
+        say: on CPU (on a GPU an op's host time is when it was queued), with several ranks, one step
+        per call (a fused call's stamps would be its last step's) and no XLA (``tf.timestamp`` has no
+        XLA kernel), and before the step is first traced."""
+        c = self.calls
+        if (world < 2 or device_name() != "/CPU:0" or c.steps_per_call != 1 or c.jit_compile or c.calls
+                or not self.can_stamp()):
+            return False
+        # TensorFlow's clock is the epoch's; the rank clock's is CLOCK_MONOTONIC, one per host
+        self._marks = (reached, left, time.time_ns() - time.monotonic_ns())
+        self.stamping = True
+        return True
+
+    def can_stamp(self) -> bool:
+        """Whether this backend's step can see its rank's own gradients before the collective."""
+        return True
+
+    def local_marks(self, marks):
+        """This process's copy of a call's stamps (a strategy's replicas override it)."""
+        return marks
 
     @property
     def steps_per_call(self) -> int:
@@ -207,6 +274,16 @@ class DrivenSteps:
 
     def train_steps(self, n: int) -> None:
         self.calls.run(n)
+        if self._marks is not None and self.calls.last_marks is not None:
+            # read when the run ends (``RankClock.series``): reading a tensor costs ~15 us, in the step
+            reached, left, _ = self._marks
+            reached(partial(self._stamp_ns, self.calls.last_marks, 0))
+            left(partial(self._stamp_ns, self.calls.last_marks, 1))
+
+    def _stamp_ns(self, marks, which: int) -> int | None:
+        """A stamp of a step's output as the rank clock's ns (None: not marked)."""
+        seconds = float(self.local_marks(marks).numpy()[which])
+        return None if seconds < 0 else round(seconds * 1e9) - self._marks[2]
 
     def loss(self) -> float:
         return float(self.calls.last_loss)

@@ -16,14 +16,12 @@ update. The optimizer here is Keras' Adam with that one method returning the gra
 so the gradient is all-reduced once, by the step. A Keras without that method is refused at start
 (its optimizer would sum the summed gradients again).
 
-The all-reduce is traced into the step, so it is not marked for the rank clock (see
-``scaling.backends.horovod_tf_reference``).
+The all-reduce is traced into the step; the rank clock's marks are stamped there
+(``tf_common.Stamps``): when the local gradients are computed and when the reduced ones are.
 """
 from __future__ import annotations
 
 from functools import cache
-from typing import Callable
-
 from scaling.backends import RunContext, tf_common
 from scaling.backends.tf_multiworker import TFMultiWorker
 
@@ -49,15 +47,15 @@ class TFReference(TFMultiWorker):
     def model_and_optimizer(self, ctx: RunContext) -> tuple:
         return tf_common.model_and_adam(ctx, adam=adam_without_aggregation())
 
-    def replica_gradients(self, tape, loss, variables) -> list:
+    def replica_gradients(self, tape, loss, variables, stamps: tf_common.Stamps) -> list:
         import tensorflow as tf
 
         context = tf.distribute.get_replica_context()
-        return tf_common.flat_all_reduce(tape.gradient(loss, variables),
-                                         lambda flat: context.all_reduce(tf.distribute.ReduceOp.SUM, flat))
-
-    def mark_collective(self, reached: Callable[[], None], left: Callable[[], None]) -> bool:
-        return False  # inside the compiled step
+        local = tape.gradient(loss, variables)
+        stamps.reached(local)
+        reduced = tf_common.flat_all_reduce(local, lambda flat: context.all_reduce(tf.distribute.ReduceOp.SUM, flat))
+        stamps.left(reduced)
+        return reduced
 
     def settings_in_force(self) -> dict:
         return {**super().settings_in_force(), "all_reduce": "one flat buffer per step (the gradients concatenated)"}

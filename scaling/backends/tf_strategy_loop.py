@@ -10,6 +10,7 @@ only in how they build the strategy.
 from __future__ import annotations
 
 import hashlib
+from typing import Callable
 
 from scaling.backends import RunContext, check_one_per_device
 from scaling.backends import tf_common
@@ -54,9 +55,10 @@ class TFStrategyLoop(tf_common.DrivenSteps):
             xb, yb = tf.gather(x, idx), tf.gather(y, idx)
             with tf.GradientTape() as tape:
                 loss = tf.nn.compute_average_loss(per_example(yb, model(xb, training=True)), global_batch_size=G)
-            grads = self.replica_gradients(tape, loss, model.trainable_variables)
+            stamps = tf_common.Stamps(self.stamping)
+            grads = self.replica_gradients(tape, loss, model.trainable_variables, stamps)
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            return loss
+            return stamps.attach(loss)
 
         def one_step(start, x, y, perm):
             return strategy.run(replica_step, args=(x, y, perm, start))
@@ -67,10 +69,22 @@ class TFStrategyLoop(tf_common.DrivenSteps):
         """The model and its Keras Adam, built in the strategy's scope."""
         return tf_common.model_and_adam(ctx)
 
-    def replica_gradients(self, tape, loss, variables) -> list:
+    def replica_gradients(self, tape, loss, variables, stamps: tf_common.Stamps) -> list:
         """This replica's gradients, traced into the replica step; the Keras optimizer all-reduces
-        them in ``apply_gradients``."""
-        return tape.gradient(loss, variables)
+        them in ``apply_gradients`` (so only reaching the all-reduce is stamped)."""
+        grads = tape.gradient(loss, variables)
+        stamps.reached(grads)
+        return grads
+
+    def mark_collective(self, reached: Callable[..., None], left: Callable[..., None]) -> bool:
+        """Rank-clock marks traced into the step (``tf_common.Stamps``) where each process holds one
+        replica (MultiWorker); several replicas in one process (Mirrored) have no rank clocks to compare."""
+        if len(self.strategy.extended.worker_devices) != 1:
+            return False
+        return self.mark_stamps(self.strategy.num_replicas_in_sync, reached, left)
+
+    def local_marks(self, marks):
+        return self.strategy.experimental_local_results(marks)[0]
 
     def epoch_inputs(self, epoch: int) -> tuple:
         tf = self.tf

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Any
+from functools import partial
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -73,6 +74,51 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+class GradientArrival:
+    """Marks for the rank clock (``scaling.rank_clock``) where a framework runs the gradient
+    all-reduce itself (DDP's buckets, Horovod's DistributedOptimizer, Lightning's DDP): **reached**
+    when this rank's backward has accumulated its last gradient, the moment it hands the step's last
+    collective to the framework (DDP launches its last bucket, Horovod enqueues its last all-reduce,
+    in their own hooks on the same accumulation, which run right after), and **left** when the
+    framework says the collective is done (``left()``, called by the backend: DDP's ``backward``
+    returning, Horovod's ``synchronize``).
+
+    Nothing in the framework's path changes: one ``register_post_accumulate_grad_hook`` per
+    parameter for the first backward, to learn which parameter autograd accumulates last (its order
+    is fixed for a fixed graph), then on that one only: one Python call a step. Only on CPU, where the
+    collective is done when the host call returns, and with more than one rank (:meth:`on`)."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], reached: Callable[[], None],
+                 left: Callable[[], None]) -> None:
+        self._reached, self._left = reached, left
+        self.last: int | None = None
+        self._handles = [p.register_post_accumulate_grad_hook(partial(self._accumulated, i))
+                         for i, p in enumerate(q for q in params if q.requires_grad)]
+        self._settled = False
+
+    @classmethod
+    def on(cls, device: torch.device, world: int, params: Iterable[torch.nn.Parameter], reached: Callable[[], None],
+           left: Callable[[], None]) -> "GradientArrival | None":
+        """The marks on CPU with several ranks; None elsewhere (one rank has no one to wait for; on
+        CUDA the host only queues the collective)."""
+        if device.type != "cpu" or world < 2:
+            return None
+        return cls(params, reached, left)
+
+    def _accumulated(self, index: int, _param: torch.Tensor) -> None:
+        self.last = index
+        self._reached()
+
+    def left(self) -> None:
+        if not self._settled and self.last is not None:
+            for i, handle in enumerate(self._handles):  # keep the hook of the last accumulated only
+                if i != self.last:
+                    handle.remove()
+            self._handles = [self._handles[self.last]]
+            self._settled = True
+        self._left()
+
+
 class ShardedSteps:
     """The device-resident training step the torch backends share: each epoch's permutation,
     this rank's slice of every global batch (``rank_shard``), the classic
@@ -91,6 +137,8 @@ class ShardedSteps:
         self.cursor = 0
         self.step = 0
         self.last_loss: torch.Tensor | None = None
+        #: called when ``backward`` returns (``GradientArrival.left``, where DDP's all-reduce ends)
+        self.after_backward: Callable[[], None] | None = None
 
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
@@ -114,6 +162,8 @@ class ShardedSteps:
             loss = torch.nn.functional.nll_loss(self.model(self.x.index_select(0, idx)), self.y.index_select(0, idx))
             self.optimizer.zero_grad()  # set_to_none, torch's default (Horovod's wrapper takes no argument)
             loss.backward()
+            if self.after_backward is not None:
+                self.after_backward()
             self.optimizer.step()
         self.last_loss = loss
 

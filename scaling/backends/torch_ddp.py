@@ -8,6 +8,7 @@ steps: the expert's loop for a tiny model, with DDP's bucketed all-reduce overla
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -61,6 +62,16 @@ class TorchDDP(tc.DrivenSteps):
             ddp = DDP(model, device_ids=device_ids, **{**kwargs, "static_graph": True})
         torch.cuda.current_stream(self.device).wait_stream(side)
         return ddp, tc.make_adam(ddp.parameters(), self.geometry, self.device, graph=True)
+
+    def mark_collective(self, reached: Callable[[], None], left: Callable[[], None]) -> bool:
+        """Rank-clock marks around DDP's all-reduce (``torch_common.GradientArrival``): reached at the
+        last gradient's accumulation, left when ``backward`` returns (DDP waits for its buckets'
+        all-reduce at the end of backward)."""
+        arrival = tc.GradientArrival.on(self.device, self.world, self.model.parameters(), reached, left)
+        if arrival is None:
+            return False
+        self.steps.after_backward = arrival.left
+        return True
 
     def settings_in_force(self) -> dict:
         """What DDP reports it runs with (bucket cap in bytes, views, static graph, hook)."""
