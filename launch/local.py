@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from scaling.launch import launchers, warm
-from scaling import cell_time, rank_clock, records, sinks, tracking
+from scaling import cell_time, records, sinks, tracking
 from scaling.config import runs_on
 from scaling.process import die_with_parent
 from scaling.naming import default_run_id
@@ -356,14 +356,6 @@ def _supervise(procs: list[_Proc], run_dir: Path) -> str | None:
     return None
 
 
-def ranks_in_sync(digests: list[str]) -> bool | None:
-    """Whether every replica ended with the same parameters; None with fewer than two replicas,
-    where there is nothing to compare (one digest always agrees with itself)."""
-    if len(digests) < 2:
-        return None
-    return len(set(digests)) == 1
-
-
 def _finish(cfg: dict, run_id: str, group: str, results: Path, run_dir: Path, procs: list[_Proc],
             failure: str | None, rank0: dict) -> dict:
     """One record for the run: rank 0's, with every rank's report added; a failed one otherwise.
@@ -382,15 +374,11 @@ def _finish(cfg: dict, run_id: str, group: str, results: Path, run_dir: Path, pr
             run_id=run_id, group=group, config=cfg,
             environment=(record or {}).get("environment") or records.capture_environment(),
             metrics=None, error=f"{error}\n--- last output ---\n{tail}")
-    rank_clock.into_record(record, exits, cfg["backend"]["name"])  # waiting for the slowest rank
     for e in exits:
         if e.get("rank") == 0:
             rank0.update(marks=e.pop("marks", None), history=e.pop("history", None))
         e.pop("history", None)
-    record["ranks"] = exits
-    digests = [tuple(e.get("param_digests") or ()) for e in exits]
-    if record["metrics"] is not None and digests and all(digests):
-        record["metrics"]["ranks_in_sync"] = ranks_in_sync([d for ds in digests for d in ds])
+    sinks.add_rank_reports(record, exits, cfg["backend"]["name"])  # waiting for the slowest rank, in sync
     records.write_record(record, results)
     sinks.save_config(record, results)  # again: rank 0 may have died before it saved the config
     record["path"] = str(path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 from typing import Any, Callable
 
 from scaling.launch import horovod_slurm, launchers, slurm_job
@@ -28,9 +29,28 @@ def set_up(cfg: dict, rank: int, run_id: str | None, interruption: dict | None =
         return
     if interruption is not None:
         handle_signals(cfg, rank, run_id, interruption)
+    rank_reports(cfg, run_id)
     kind = launchers.of(cfg).rendezvous
     if kind:
         RENDEZVOUS[kind](cfg, run_id)
+
+
+def rank_reports(cfg: dict, run_id: str | None) -> None:
+    """Where the ranks report when they finish: under srun no launcher gathers their reports (the
+    rank clock's series, parameter digests), so every rank writes its own into a folder of the
+    results directory, which the job's nodes share as they share the records, and rank 0 adds them
+    to the record (``scaling.sinks.gather_ranks``) and removes the folder. One per job step and run;
+    a launcher's own folder (``SCALING_RUN_DIR`` already set) is left as it is."""
+    from scaling import sinks
+    from scaling.process import rank_info
+
+    if (rank_info()[1] < 2 or not cfg.get("results_dir")
+            or (os.environ.get("SCALING_RUN_DIR") and os.environ.get(sinks.GATHER_ENV) != "1")):
+        return
+    step = f"{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '0')}"
+    folder = Path(cfg["results_dir"]) / ".ranks" / f"{step}.{run_id or 'run'}"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["SCALING_RUN_DIR"], os.environ[sinks.GATHER_ENV] = str(folder), "1"
 
 
 def torch_env(cfg: dict | None = None, run_id: str | None = None) -> None:

@@ -78,7 +78,7 @@ def leave(code: int, timeout: float = 30.0) -> None:
     world = rank_info()[1]
     deadline = time.monotonic() + timeout
     while sum(1 for _ in Path(run_dir).glob("rank*.exit.json")) < world:
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline or not Path(run_dir).is_dir():  # gone: rank 0 gathered and cleaned up
             return
         time.sleep(0.01)
     for stream in (sys.stdout, sys.stderr):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from scaling.launch.local import ranks_in_sync
+from scaling.sinks import ranks_in_sync
 from scaling import analysis
 
 ROOT = Path(__file__).resolve().parent.parent

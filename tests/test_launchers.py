@@ -102,7 +102,8 @@ def srun_task(tmp_path, monkeypatch):
     for key, value in {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[a-b]", "SLURM_NTASKS": "2",
                        "SLURM_JOB_NUM_NODES": "2", "SLURM_PROCID": "1"}.items():
         monkeypatch.setenv(key, value)
-    for key in ("MASTER_ADDR", "MASTER_PORT", "TF_CONFIG", "SCALING_TF_PORT"):
+    for key in ("MASTER_ADDR", "MASTER_PORT", "TF_CONFIG", "SCALING_TF_PORT", "SCALING_RUN_DIR",
+                "SCALING_GATHER_RANKS"):
         monkeypatch.setenv(key, "")  # so that what set_up writes is undone after the test
         monkeypatch.delenv(key)
 
@@ -119,6 +120,34 @@ def test_an_srun_task_gets_its_launchers_rendezvous(new_launcher, srun_task, mon
     monkeypatch.delenv("MASTER_ADDR")
     slurm_env.set_up({"backend": {"launcher": "process"}}, 1, "cell")  # one task: nobody to meet
     assert "MASTER_ADDR" not in os.environ
+
+
+def test_under_srun_rank_0_gathers_the_ranks_reports_itself(srun_task, tmp_path, capsys):
+    import os
+
+    from scaling import sinks
+
+    slurm_env.set_up({"backend": {"launcher": "process"}, "results_dir": str(tmp_path)}, 1, "cell")
+    folder = tmp_path / ".ranks" / "4242.0.cell"
+    assert os.environ["SCALING_RUN_DIR"] == str(folder) and folder.is_dir()
+    assert os.environ[sinks.GATHER_ENV] == "1"
+
+    def report(rank, reached):
+        clock = {"host": "h", "clock": "monotonic_ns", "sync_every": 1, "collective_marked": True,
+                 "start": [0], "end": [500], "reached": [reached], "left": [400]}
+        (folder / f"rank{rank}.exit.json").write_text(json.dumps(
+            {"rank": rank, "status": "ok", "param_digests": ["abc"], "rank_clock": clock}))
+
+    record = {"config": {"backend": {"name": "torch_ddp"}}, "metrics": {"samples_per_s": 1.0}}
+    report(0, 100)
+    assert not sinks.gather_ranks(record, timeout=0.1)  # rank 1 never reported: named, the rest kept
+    assert "rank(s) [1] sent no report" in capsys.readouterr().err and [r["rank"] for r in record["ranks"]] == [0]
+    report(1, 130)
+    record = {"config": {"backend": {"name": "torch_ddp"}}, "metrics": {"samples_per_s": 1.0}}
+    assert sinks.gather_ranks(record, timeout=5)
+    assert [r["rank"] for r in record["ranks"]] == [0, 1] and record["metrics"]["ranks_in_sync"] is True
+    assert record["metrics"]["rank_clock"]["waiting_per_rank_s"] == pytest.approx([30e-9, 0.0])
+    assert all("rank_clock" not in r for r in record["ranks"])
 
 
 @pytest.mark.multiprocess

@@ -66,6 +66,15 @@ def test_two_node_cells_through_rendered_sbatch_scripts(cluster, tmp_path):
         slurm = rec["environment"]["slurm"]
         assert slurm["nnodes"] == "2" and slurm["job_nodelist"] and slurm["job_gpus"] is not None
         assert rec["metrics"]["devices"] == 2
+        # no launcher under srun: rank 0 gathered every rank's report into the record itself
+        assert [r["rank"] for r in rec["ranks"]] == [0, 1] and rec["metrics"]["ranks_in_sync"] is True
+        clock = rec["metrics"]["rank_clock"]
+        assert clock["ranks"] == 2 and clock["marks_outside_step"] == 0, clock
+        if clock["hosts"] == 2 and rec["config"]["backend"]["name"] == "tf_multiworker":
+            assert clock["waiting_s"] is None and "across hosts" in clock["note"]  # no leave mark, no common clock
+        else:
+            assert clock["waiting_s"] >= 0 and clock["note"] is None, clock
+    assert not list((tmp_path / "results" / ".ranks").glob("*"))  # each run's folder removed
     addrs = node_addresses()
     if len(set(addrs.values())) == len(addrs):  # nodes in their own network namespaces (start.sh)
         # each rank bound the interface the other node reaches it through: loopback would have hung
@@ -156,6 +165,7 @@ def test_two_cell_sweep_through_submitit(cluster, tmp_path):
     for rec in found:
         assert rec["status"] == "ok", rec["error"]
         assert rec["environment"]["slurm"]["nnodes"] == "2" and rec["environment"]["world_size"] == 2
+        assert rec["metrics"]["ranks_in_sync"] is True and rec["metrics"]["rank_clock"]["waiting_s"] >= 0
     # rerunning trains nothing: each job finds its cell done (the records are not rewritten)
     before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("sub/*.json")}
     again = subprocess.run(args, cwd=_ROOT, capture_output=True, text=True, timeout=600)
