@@ -105,7 +105,7 @@ def table(cells: pd.DataFrame, comm_rows: pd.DataFrame, clocks: dict[str, dict],
         waiting_note = ("; ".join(notes) if notes else
                         None if n == 1 or not math.isnan(waiting) else
                         f"waiting unmeasured for {backend}: no per-rank timestamps (one process holding "
-                        "every replica, a Slurm run, or a record from before its backend marked them)")
+                        "every replica, or a record from before its backend marked them)")
         row = {**k, "step_s": step, "compute_s": compute, "transfer_s": math.nan if transfer is None else transfer,
                "transfer_source": source, "waiting_s": waiting, "waiting_note": waiting_note,
                **split(step, compute, transfer, None if math.isnan(waiting) else waiting),
