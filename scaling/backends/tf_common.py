@@ -243,8 +243,8 @@ class DrivenSteps:
     def mark_stamps(self, world: int, reached: Callable[..., None], left: Callable[..., None]) -> bool:
         """Have the step stamp its collective for the rank clock, where the stamps mean what they
         say: on CPU (on a GPU an op's host time is when it was queued), with several ranks, one step
-        per call (a fused call's stamps would be its last step's) and no XLA (``tf.timestamp`` has no
-        XLA kernel), and before the step is first traced."""
+        per call (a fused call's stamps would be its last step's), without XLA (``jit_compile``, where
+        the stamps are not checked), and before the step is first traced."""
         c = self.calls
         if (world < 2 or device_name() != "/CPU:0" or c.steps_per_call != 1 or c.jit_compile or c.calls
                 or not self.can_stamp()):
