@@ -236,9 +236,13 @@ class DrivenSteps:
     calls: StepCalls
     #: each rank (replica) evaluates 1/world of the test set; one device: its shard is the whole set
     evaluation = "shard"
-    #: whether the traced step carries ``Stamps`` (``mark_stamps``, before the first call)
-    stamping = False
+    #: the rank clock's (reached, left) and TensorFlow's clock less CLOCK_MONOTONIC, in ns (``mark_stamps``)
     _marks: tuple[Callable[..., None], Callable[..., None], int] | None = None
+
+    @property
+    def stamping(self) -> bool:
+        """Whether the traced step carries ``Stamps`` (``mark_stamps``, before the first call)."""
+        return self._marks is not None
 
     def mark_stamps(self, world: int, reached: Callable[..., None], left: Callable[..., None]) -> bool:
         """Have the step stamp its collective for the rank clock, where the stamps mean what they
@@ -251,7 +255,6 @@ class DrivenSteps:
             return False
         # TensorFlow's clock is the epoch's; the rank clock's is CLOCK_MONOTONIC, one per host
         self._marks = (reached, left, time.time_ns() - time.monotonic_ns())
-        self.stamping = True
         return True
 
     def can_stamp(self) -> bool:
