@@ -94,7 +94,6 @@ class GradientArrival:
         self.last: int | None = None
         self._handles = [p.register_post_accumulate_grad_hook(partial(self._accumulated, i))
                          for i, p in enumerate(q for q in params if q.requires_grad)]
-        self._settled = False
 
     @classmethod
     def on(cls, device: torch.device, world: int, params: Iterable[torch.nn.Parameter], reached: Callable[[], None],
@@ -110,12 +109,11 @@ class GradientArrival:
         self._reached()
 
     def left(self) -> None:
-        if not self._settled and self.last is not None:
+        if len(self._handles) > 1 and self.last is not None:  # after the first backward
             for i, handle in enumerate(self._handles):  # keep the hook of the last accumulated only
                 if i != self.last:
                     handle.remove()
             self._handles = [self._handles[self.last]]
-            self._settled = True
         self._left()
 
 
